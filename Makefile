@@ -1,0 +1,27 @@
+# The two commands of the README: `make repro` and `make test`. Both create .venv when needed.
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# DVC stage commands call `python`; run them with the project's environment.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup repro test test-fast lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $@
+
+repro: setup
+	dvc repro
+	@python -m stages.summary
+
+test: setup
+	pytest
+
+test-fast: setup
+	pytest -m "not slow"
+
+lint: setup
+	ruff check .
+	ruff format --check .
