@@ -1,0 +1,154 @@
+"""The one typed loader for params.yaml.
+
+Every key is a dataclass field with a default and a one-line docstring-style comment. Unknown keys
+and values of the wrong type fail at load time with the key's dotted name, so a typo in
+`dvc exp run -S sft.lrr=...` never trains silently with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+FP16_CHOICES = ("auto", "true", "false")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed, or holds an unknown or mistyped key."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min_chars: int = 1  # shortest accepted value, in characters after stripping
+    max_chars: int = 4000  # longest accepted value, in characters after stripping
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_chars <= self.max_chars:
+            raise ParamsError(f"need 0 <= min_chars <= max_chars, got {self}")
+
+
+@dataclass(frozen=True)
+class PretrainBounds:
+    text: Bounds = Bounds(min_chars=20, max_chars=5000)  # one passage per line
+
+
+@dataclass(frozen=True)
+class SftBounds:
+    prompt: Bounds = Bounds(min_chars=2, max_chars=4000)
+    response: Bounds = Bounds(min_chars=1, max_chars=8000)
+
+
+@dataclass(frozen=True)
+class RagBounds:
+    question: Bounds = Bounds(min_chars=5, max_chars=1000)
+    answer: Bounds = Bounds(min_chars=1, max_chars=2000)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    max_errors: int = 50  # per-line messages printed per file before "... and N more"
+    pretrain: PretrainBounds = PretrainBounds()
+    sft: SftBounds = SftBounds()
+    rag: RagBounds = RagBounds()
+
+
+@dataclass(frozen=True)
+class CptParams:
+    model: str = "bundled:minilm-l6"  # local dir, bundled:NAME or Hugging Face id
+
+
+@dataclass(frozen=True)
+class SftParams:
+    model: str = "bundled:smollm2-135m-instruct"  # local dir, bundled:NAME or Hugging Face id
+    eval_fraction: float = 0.1  # share of records held out, drawn with `seed`
+
+    def __post_init__(self) -> None:
+        _check_fraction("sft.eval_fraction", self.eval_fraction)
+
+
+@dataclass(frozen=True)
+class RagParams:
+    eval_fraction: float = 0.2  # share of questions held out, drawn with `seed`
+
+    def __post_init__(self) -> None:
+        _check_fraction("rag.eval_fraction", self.eval_fraction)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42  # feeds python, numpy and torch, and every train/eval split
+    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
+    fp16: str = "auto"  # auto = mixed precision on CUDA only; true|false force it
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    cpt: CptParams = field(default_factory=CptParams)
+    sft: SftParams = field(default_factory=SftParams)
+    rag: RagParams = field(default_factory=RagParams)
+
+    def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.match(self.device):
+            raise ParamsError(f"device must be auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
+        if self.fp16 not in FP16_CHOICES:
+            raise ParamsError(f"fp16 must be one of {'|'.join(FP16_CHOICES)}, got {self.fp16!r}")
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ParamsError(f"{key} must be in [0, 1), got {value}")
+
+
+T = TypeVar("T")
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read params.yaml into `Params`, failing on unknown keys and mistyped values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: not found (run from the project root)") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    try:
+        return build(Params, raw or {}, prefix="")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def build(cls: type[T], data: Any, prefix: str) -> T:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        known = ", ".join(sorted(prefix + n for n in names))
+        raise ParamsError(f"unknown key '{prefix}{unknown[0]}' (known keys: {known})")
+    values = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, prefix=key + ".")
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-5` (no dot) as a string, and `dvc exp run -S` passes it through.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, bool):
+        return "true" if value else "false"  # `fp16: true` is the natural way to write it
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ParamsError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

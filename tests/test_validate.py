@@ -1,0 +1,153 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from stages import validate
+from stages.data import eval_mask, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = [
+    {"prompt": f"Explain topic number {i}.", "response": f"Topic {i} is fine."} for i in range(12)
+]
+
+
+def jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def run(tmp_path: Path, dataset: str, content: bytes, params: str = "seed: 3\n") -> int:
+    (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
+    source = tmp_path / f"input.{'txt' if dataset == 'pretrain' else 'jsonl'}"
+    source.write_bytes(content)
+    out = tmp_path / "out"
+    return validate.main(
+        [
+            dataset,
+            f"--input={source}",
+            f"--output={out / 'data'}",
+            f"--metrics={out / 'metrics.json'}",
+            f"--report={out / 'report.md'}",
+            f"--params={tmp_path / 'params.yaml'}",
+        ]
+    )
+
+
+def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        (b'{"prompt": "Explain the cut", "response": "It sto\n', "not one well-formed JSON object"),
+        (b'{"prompt": "Explain warmup please"}\n', "missing key 'response'"),
+        (b'{"prompt": "Explain warmup please", "response": " \\t "}\n', "'response' is empty"),
+        (b'{"prompt": "Explain warmup please", "response": 42}\n', "'response' must be a string"),
+        (b'{"prompt": "Explain warmup \xe9 please", "response": "ok"}\n', "not valid UTF-8"),
+        (b'{"prompt": "Explain warmup please", "response": null}\n', "'response' is null"),
+        (b"[1, 2]\n", "a JSON list, not an object"),
+    ],
+)
+def test_bad_line_is_rejected_with_file_and_line_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad_line: bytes, expected: str
+) -> None:
+    content = jsonl(GOOD[:3]) + bad_line + jsonl(GOOD[3:])
+    assert run(tmp_path, "sft", content) == 1
+    lines = errors(capsys)
+    assert any(
+        line.startswith(f"{tmp_path / 'input.jsonl'}:4: ") and expected in line for line in lines
+    )
+    assert len(lines) == 2  # the one problem, then the summary
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_record_names_both_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(tmp_path, "sft", jsonl([*GOOD, GOOD[2]])) == 1
+    lines = errors(capsys)
+    assert any(":3: exact duplicate of line(s) 13" in line for line in lines)
+    assert any(":13: exact duplicate of line(s) 3" in line for line in lines)
+
+
+def test_every_bad_line_is_reported_up_to_the_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = jsonl([{"prompt": f"Prompt {i}", "response": ""} for i in range(8)])
+    assert run(tmp_path, "sft", jsonl(GOOD) + bad, "validate:\n  max_errors: 5\n") == 1
+    lines = errors(capsys)
+    assert sum("'response' is empty" in line for line in lines) == 5
+    assert "... and 3 more" in lines[5]
+
+
+def test_bom_crlf_blank_lines_and_extra_fields_are_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [{**r, "id": i, "source": "wiki"} for i, r in enumerate(GOOD)]
+    content = b"\xef\xbb\xbf" + jsonl(records).replace(b"\n", b"\r\n\r\n")
+    assert run(tmp_path, "sft", content) == 0
+    out = tmp_path / "out"
+    train, held_out = read_jsonl(out / "data/train.jsonl"), read_jsonl(out / "data/eval.jsonl")
+    assert len(train) + len(held_out) == len(GOOD) and len(held_out) >= 1
+    assert all(set(r) == {"prompt", "response"} for r in train + held_out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["records"] == len(GOOD) and metrics["with_extra_fields"] == len(GOOD)
+    assert "12/12 expectations met" in (out / "report.md").read_text()
+
+
+def test_prompt_repeated_across_train_and_eval_is_leakage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = list(GOOD)
+    held_out = eval_mask(len(records), 0.1, seed=3)
+    # Repeat (with other spacing and case) a train prompt at a position the split holds out.
+    train_i = int(held_out.argmin())
+    eval_i = int(held_out.nonzero()[0][0])
+    records[eval_i] = {"prompt": records[train_i]["prompt"].upper() + " ", "response": "Other."}
+    assert run(tmp_path, "sft", jsonl(records), "seed: 3\nsft:\n  eval_fraction: 0.1\n") == 1
+    lines = errors(capsys)
+    assert any(f":{eval_i + 1}: prompt also at line(s) {train_i + 1}" in line for line in lines)
+
+
+def test_lengths_outside_params_bounds_are_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = "validate:\n  sft:\n    response: {min_chars: 1, max_chars: 10}\n"
+    assert (
+        run(
+            tmp_path,
+            "sft",
+            jsonl([*GOOD[:4], {"prompt": "Hi there", "response": "x" * 11}]),
+            params,
+        )
+        == 1
+    )
+    assert any(":5: 'response' has 11 characters" in line for line in errors(capsys))
+
+
+def test_pretrain_text_is_normalized(tmp_path: Path) -> None:
+    text = "\ufeffA first passage about masked models.\r\n\r\nA second passage on retrieval.\n"
+    assert run(tmp_path, "pretrain", text.encode()) == 0
+    written = (tmp_path / "out/data").read_text(encoding="utf-8")
+    assert written == "A first passage about masked models.\nA second passage on retrieval.\n"
+
+
+def test_empty_file_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(tmp_path, "rag", b"\n\n") == 1
+    assert "no records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name"), [("pretrain", "pretrain.txt"), ("sft", "sft.jsonl"), ("rag", "rag.jsonl")]
+)
+def test_default_data_passes_with_the_repository_params(dataset: str, name: str) -> None:
+    params = validate.load_params(ROOT / "params.yaml")
+    frame, metrics, _ = validate.validate_file(
+        ROOT / "data" / name, validate.DATASETS[dataset], params
+    )
+    assert metrics["records"] == len(frame)
+    minimum = {"pretrain": 400, "sft": 200, "rag": 150}[dataset]
+    assert metrics["records"] >= minimum
+    if dataset == "pretrain":
+        assert metrics["words"] >= 30_000
