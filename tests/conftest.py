@@ -1,0 +1,83 @@
+"""Tiny models and tokenizers built inside the tests: no network, no downloads, seconds to load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "the model learns to predict masked tokens from context",
+    "a retriever finds passages and the generator answers the question",
+    "fine tuning on prompt and response pairs teaches the assistant style",
+]
+
+
+def word_vocab(specials: list[str]) -> dict[str, int]:
+    words = sorted({w for line in CORPUS for w in line.split()})
+    return {tok: i for i, tok in enumerate(specials + words)}
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """An uncased WordPiece tokenizer with BERT's special tokens."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(word_vocab(specials), unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def word_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-like tokenizer: no chat template, one end-of-text token."""
+    tok = Tokenizer(models.WordLevel(word_vocab(["<|endoftext|>", "<unk>"]), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 BertForMaskedLM saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = wordpiece_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 GPT2LMHeadModel saved as a Hugging Face directory."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = word_level_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,96 @@
+import time
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from stages import sft_base
+from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
+
+
+def test_local_directory_loads_with_auto_classes(tiny_bert_dir: Path) -> None:
+    source = resolve_model(str(tiny_bert_dir))
+    assert source.path == tiny_bert_dir and source.gguf_file is None
+    model = load_model(AutoModelForMaskedLM, source)
+    assert model.config.num_hidden_layers == 2
+    assert load_tokenizer(source).mask_token == "[MASK]"
+
+
+def test_directory_without_config_or_missing_directory_fails(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_uncached_hub_id_fails_fast_naming_the_model_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    # A closed loopback port stands in for an unreachable hub; nothing leaves this machine.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("bert-base-uncased")
+    assert time.perf_counter() - start < 30
+    message = str(info.value)
+    assert "'bert-base-uncased'" in message and "bundled:minilm-l6" in message
+    assert "127.0.0.1" in message or "Connect" in message
+
+
+def test_cached_hub_id_resolves_without_network(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Lay out a hub cache entry by hand, as `hf download` would leave it.
+    repo = tmp_path / "models--tiny--gpt"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "gpt2"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("tiny/gpt").path == snapshot
+
+
+def test_unknown_bundled_name_lists_the_known_ones() -> None:
+    with pytest.raises(ModelNotFoundError, match="known: bundled:minilm-l6"):
+        resolve_model("bundled:bert-huge")
+
+
+def test_bundled_minilm_is_an_uncased_bert_with_safetensors() -> None:
+    source = resolve_model("bundled:minilm-l6")
+    assert (source.path / "model.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    assert tokenizer.tokenize("Hello World") == ["hello", "world"]
+    assert AutoModel.from_pretrained(source.path).config.num_hidden_layers == 6
+
+
+def test_sft_base_writes_a_plain_directory_that_auto_classes_load(
+    tiny_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "base"
+    assert sft_base.export_base(str(tiny_gpt2_dir), out) > 0
+    assert (out / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    original = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_gguf_exports_to_safetensors_with_same_outputs(tmp_path: Path) -> None:
+    source = resolve_model("bundled:smollm2-135m-instruct")
+    assert source.gguf_file
+    out = tmp_path / "smollm2"
+    sft_base.export_base(source.ref, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template  # the template travels with the model
+    exported = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    gguf = load_model(AutoModelForCausalLM, source)
+    batch = tokenizer("Masked language modelling predicts", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(exported(**batch).logits, gguf(**batch).logits)

@@ -1,0 +1,87 @@
+"""The real `dvc` CLI on a copy of the project in a temporary git repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
+
+
+def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["DVC_NO_ANALYTICS"] = "1"
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran(proc: subprocess.CompletedProcess[str]) -> set[str]:
+    """Stages that `dvc repro` executed (not those it skipped as unchanged)."""
+    return set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+    repo = tmp_path_factory.mktemp("project")
+    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
+        shutil.copy(ROOT / name, repo / name)
+    for name in ["stages", "data", ".dvc"]:
+        shutil.copytree(
+            ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp")
+        )
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sft"]["model"] = str(tiny_gpt2_dir)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return repo
+
+
+def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
+    first = sh(repo, "dvc", "repro")
+    assert ran(first) == {*VALIDATE, "sft_base"}
+    assert (repo / "output/data/sft/train.jsonl").is_file()
+    assert (repo / "output/sft_base/model.safetensors").is_file()
+    assert (repo / "metrics/validate/rag.md").is_file()
+    assert ran(sh(repo, "dvc", "repro")) == set()
+
+
+def test_dag_shows_every_stage(repo: Path) -> None:
+    dag = sh(repo, "dvc", "dag").stdout
+    for stage in [*VALIDATE, "sft_base"]:
+        assert stage in dag
+
+
+def test_editing_sft_data_reruns_only_its_validation(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"prompt": "What is a new test prompt?", "response": "A new answer."}\n')
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft"}
+
+
+def test_bad_file_fails_the_pipeline_with_file_and_line(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    rag = repo / "data/rag.jsonl"
+    good = rag.read_text(encoding="utf-8")
+    lines = good.splitlines()
+    rag.write_text("\n".join([*lines[:2], '{"question": "truncated', *lines[2:]]) + "\n")
+    try:
+        proc = sh(repo, "dvc", "repro", check=False)
+        assert proc.returncode != 0
+        assert "data/rag.jsonl:3: not one well-formed JSON object" in proc.stderr + proc.stdout
+        assert not (repo / "output/data/rag").exists()
+        assert not (repo / "metrics/validate/rag.json").exists()
+    finally:
+        rag.write_text(good, encoding="utf-8")
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_rag"}
