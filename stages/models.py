@@ -108,9 +108,10 @@ def _hub_snapshot(repo_id: str) -> Path:
     )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelNotFoundError(hint.format(why="HF_HUB_OFFLINE is set"))
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HUB_TIMEOUT_S))
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=HUB_TIMEOUT_S)
+        )
     except Exception as err:  # network errors come in many types; all mean "not available"
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise ModelNotFoundError(hint.format(why=why)) from err

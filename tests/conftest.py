@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
+
+# Tests never reach a hub; the one test of the download path points it at a closed local port.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
