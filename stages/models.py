@@ -12,7 +12,6 @@ Loading never runs remote code and reads safetensors only (or the GGUF file of a
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,7 +92,7 @@ def _resolve_bundled(ref: str) -> ModelSource:
 
 def _hub_snapshot(repo_id: str) -> Path:
     """A cached snapshot of `repo_id`, downloading safetensors only when the hub answers."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
@@ -106,7 +105,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         " the cache (HF_HOME) here, or set the model param to a local directory, or use a bundled"
         f" model ({', '.join(BUNDLED_PREFIX + n for n in BUNDLED)})"
     )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(hint.format(why="HF_HUB_OFFLINE is set"))
     try:
         return Path(

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Tests never reach a hub (the one test of the download path points it at a closed local port).
+# Set before huggingface_hub is imported: it reads the variable once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 from pathlib import Path
 
 import pytest
@@ -14,9 +19,6 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
-
-# Tests never reach a hub; the one test of the download path points it at a closed local port.
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
