@@ -31,7 +31,7 @@ class Bounds:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
-            raise ParamsError(f"need 0 <= min_chars <= max_chars, got {self}")
+            raise ParamsError(f"min_chars must be in [0, max_chars], got {self}")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,50 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
-class CptParams:
+class TrainingParams:
+    """Optimisation keys shared by the training stages (TRL/Trainer names where they exist)."""
+
+    batch_size: int = 16  # sequences per optimizer micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate, AdamW, linear decay
+    epochs: float = 1.0  # passes over the train split (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs`
+    warmup_ratio: float = 0.06  # share of steps spent warming the learning rate up
+    weight_decay: float = 0.01
+    eval_steps: int = 20  # evaluate the held-out split every N optimizer steps
+    save_steps: int = 40  # checkpoint every N optimizer steps (resume after a crash)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "grad_accum", "eval_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("epochs", "lr"):
+            if getattr(self, key) <= 0:
+                raise ParamsError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.max_steps < 0:
+            raise ParamsError(f"max_steps must be >= 0, got {self.max_steps}")
+        _check_fraction("warmup_ratio", self.warmup_ratio)
+
+
+@dataclass(frozen=True)
+class CptParams(TrainingParams):
     model: str = "bundled:minilm-l6"  # local dir, bundled:NAME or Hugging Face id
+    max_length: int = 128  # tokens per block, [CLS] and [SEP] included
+    mlm_probability: float = 0.15  # share of tokens (or words) selected for prediction
+    whole_word_masking: bool = False  # select whole words instead of single word pieces
+    eval_fraction: float = 0.1  # share of blocks held out, drawn with `seed`
+    head_lr: float = 1e-2  # learning rate of the MLM head's own layers; 0 = same as lr
+    epochs: float = 3.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction("eval_fraction", self.eval_fraction)
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ParamsError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.head_lr < 0:
+            raise ParamsError(f"head_lr must be >= 0, got {self.head_lr}")
+        if self.max_length < 8:
+            raise ParamsError(f"max_length must be >= 8, got {self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +112,7 @@ class SftParams:
     eval_fraction: float = 0.1  # share of records held out, drawn with `seed`
 
     def __post_init__(self) -> None:
-        _check_fraction("sft.eval_fraction", self.eval_fraction)
+        _check_fraction("eval_fraction", self.eval_fraction)
 
 
 @dataclass(frozen=True)
@@ -78,7 +120,7 @@ class RagParams:
     eval_fraction: float = 0.2  # share of questions held out, drawn with `seed`
 
     def __post_init__(self) -> None:
-        _check_fraction("rag.eval_fraction", self.eval_fraction)
+        _check_fraction("eval_fraction", self.eval_fraction)
 
 
 @dataclass(frozen=True)
@@ -133,7 +175,10 @@ def build(cls: type[T], data: Any, prefix: str) -> T:
         known = ", ".join(sorted(prefix + n for n in names))
         raise ParamsError(f"unknown key '{prefix}{unknown[0]}' (known keys: {known})")
     values = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ParamsError as err:  # checks name the key without its section; add it
+        raise ParamsError(f"{prefix}{err}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

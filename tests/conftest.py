@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -73,6 +74,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
     )
+    torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -84,6 +86,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = word_level_tokenizer()
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

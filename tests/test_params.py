@@ -45,7 +45,9 @@ def test_out_of_range_values_fail(tmp_path: Path) -> None:
         load_params(write(tmp_path, "fp16: maybe\n"))
     with pytest.raises(ParamsError, match=r"rag\.eval_fraction must be in \[0, 1\)"):
         load_params(write(tmp_path, "rag:\n  eval_fraction: 1.5\n"))
-    with pytest.raises(ParamsError, match="min_chars <= max_chars"):
+    with pytest.raises(
+        ParamsError, match=r"validate\.rag\.answer\.min_chars must be in \[0, max_chars\]"
+    ):
         load_params(
             write(tmp_path, "validate:\n  rag:\n    answer: {min_chars: 9, max_chars: 2}\n")
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
+STAGES = {*VALIDATE, "cpt", "sft_base"}
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -31,7 +33,9 @@ def ran(proc: subprocess.CompletedProcess[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+def repo(
+    tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path, tiny_bert_dir: Path
+) -> Path:
     repo = tmp_path_factory.mktemp("project")
     for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
         shutil.copy(ROOT / name, repo / name)
@@ -41,6 +45,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
         )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sft"]["model"] = str(tiny_gpt2_dir)
+    params["cpt"].update(
+        model=str(tiny_bert_dir),
+        max_length=32,
+        batch_size=8,
+        max_steps=3,
+        eval_steps=2,
+        save_steps=2,
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
@@ -50,17 +62,21 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
 
 def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     first = sh(repo, "dvc", "repro")
-    assert ran(first) == {*VALIDATE, "sft_base"}
+    assert ran(first) == STAGES
     assert (repo / "output/data/sft/train.jsonl").is_file()
     assert (repo / "output/sft_base/model.safetensors").is_file()
     assert (repo / "metrics/validate/rag.md").is_file()
+    assert (repo / "output/cpt/model.safetensors").is_file()
+    assert set(json.loads((repo / "metrics/cpt.json").read_text())) == {"base", "final", "train"}
     assert ran(sh(repo, "dvc", "repro")) == set()
 
 
 def test_dag_shows_every_stage(repo: Path) -> None:
     dag = sh(repo, "dvc", "dag").stdout
-    for stage in [*VALIDATE, "sft_base"]:
+    for stage in STAGES:
         assert stage in dag
+    edges = set(re.findall(r'"(\w+)" -> "(\w+)"', sh(repo, "dvc", "dag", "--dot").stdout))
+    assert edges == {("validate_pretrain", "cpt")}
 
 
 def test_editing_sft_data_reruns_only_its_validation(repo: Path) -> None:
@@ -68,6 +84,25 @@ def test_editing_sft_data_reruns_only_its_validation(repo: Path) -> None:
     with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
         f.write('{"prompt": "What is a new test prompt?", "response": "A new answer."}\n')
     assert ran(sh(repo, "dvc", "repro")) == {"validate_sft"}
+
+
+def set_param(repo: Path, section: str, key: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_sft_and_rag_params_do_not_rerun_cpt(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    set_param(repo, "sft", "eval_fraction", 0.2)
+    set_param(repo, "rag", "eval_fraction", 0.3)
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "validate_rag"}
+
+
+def test_cpt_params_rerun_only_cpt(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    set_param(repo, "cpt", "mlm_probability", 0.2)
+    assert ran(sh(repo, "dvc", "repro")) == {"cpt"}
 
 
 def test_bad_file_fails_the_pipeline_with_file_and_line(repo: Path) -> None:

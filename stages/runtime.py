@@ -1,0 +1,65 @@
+"""What every training stage needs from the machine: device, precision, seeds and FLOP/s."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then the CPU; an explicit device must exist."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {device} asked for, but torch sees no CUDA device")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device: mps asked for, but torch sees no MPS device")
+    return torch.device(device)
+
+
+def precision(fp16: str, device: torch.device) -> str | None:
+    """Mixed-precision mode for the Trainer: "bf16", "fp16" or None (plain fp32).
+
+    `auto` turns it on for CUDA only: bf16/fp16 autocast on these CPUs runs about ten times
+    slower than fp32, so a CPU never gets it by default and refuses it when asked.
+    """
+    if fp16 == "false":
+        return None
+    if device.type != "cuda":
+        if fp16 == "true":
+            raise RuntimeError(
+                f"fp16: true needs a CUDA device, but the stage runs on {device.type}; "
+                "mixed precision on a CPU is slower than fp32 here. Set fp16: auto or false."
+            )
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def matmul_flops(device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured fp32 matmul FLOP/s of `device`: the denominator of MFU."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm up the BLAS threads, caches and kernels
+        a @ b
+    sync()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        sync()
+        runs += 10
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: names a checkpoint directory per configuration."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
