@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from stages.runtime import fingerprint, matmul_flops, precision, resolve_device
+
+
+def test_auto_device_is_the_cpu_here_and_missing_devices_are_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this check is for machines without CUDA")
+    assert resolve_device("auto").type in ("cpu", "mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_mixed_precision_is_never_chosen_for_a_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert precision("auto", cpu) is None
+    assert precision("false", cpu) is None
+    with pytest.raises(RuntimeError, match="fp16: true needs a CUDA device"):
+        precision("true", cpu)
+
+
+def test_matmul_peak_is_measured_and_plausible() -> None:
+    flops = matmul_flops(torch.device("cpu"), size=256, seconds=0.2)
+    assert 1e8 < flops < 1e14
+
+
+def test_fingerprint_changes_with_any_part() -> None:
+    assert fingerprint({"lr": 1e-4}, 42) == fingerprint({"lr": 1e-4}, 42)
+    assert fingerprint({"lr": 1e-4}, 42) != fingerprint({"lr": 2e-4}, 42)
