@@ -13,37 +13,34 @@ seed, so the base and the final model are scored on exactly the same predictions
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import shutil
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dvclive import Live
-from transformers import (
-    AutoModelForMaskedLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from stages.data import eval_mask, file_digest, write_text_atomic
-from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
+from stages.data import eval_mask, file_digest
+from stages.models import load_model, load_tokenizer, resolve_model
 from stages.params import CptParams, load_params
-from stages.runtime import fingerprint, matmul_flops, precision, resolve_device
-
-CHECKPOINTS = Path("checkpoints")  # outside DVC's outs: survives a crash, removed on success
-
+from stages.runtime import precision, resolve_device
+from stages.training import (
+    EpochSampler,
+    LossParts,
+    StageTrainer,
+    checkpoint_dir,
+    describe,
+    perplexity,
+    run_and_record,
+    score,
+    throughput,
+    train_resumable,
+    training_args,
+    write_curves,
+)
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -148,44 +145,35 @@ class MaskedBlocks(torch.utils.data.Dataset):
         return {"input_ids": input_ids[0], "labels": labels[0]}
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Shuffles from (seed, epoch) alone and hands out keys `MaskedBlocks` understands."""
+class EpochKeys(EpochSampler):
+    """A shuffled order whose keys also carry the epoch, as `MaskedBlocks` expects."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator)
-        return iter((order + self.epoch * self.size).tolist())
+    def order(self, generator: torch.Generator) -> list[int]:
+        return [self.epoch * self.size + i for i in super().order(generator)]
 
 
 # --- loss and evaluation -----------------------------------------------------------------------
 
 
-def mlm_loss(
-    model: PreTrainedModel, input_ids: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the selected tokens, and the number predicted right.
+def mlm_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> LossParts:
+    """Cross-entropy summed over the selected tokens.
 
     For BERT the vocabulary projection runs on the selected ~15 % of positions only, which
     halves the cost of a training step on a CPU; other architectures take their full head.
     """
+    labels = inputs["labels"]
     selected = labels != -100
     if has_sparse_head(model):
-        hidden = model.bert(input_ids=input_ids).last_hidden_state
+        hidden = model.bert(input_ids=inputs["input_ids"]).last_hidden_state
         logits = model.cls(hidden[selected])
     else:
-        logits = model(input_ids=input_ids).logits[selected]
+        logits = model(input_ids=inputs["input_ids"]).logits[selected]
     targets = labels[selected]
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss_sum, (logits.argmax(-1) == targets).sum()
+    return LossParts(
+        loss_sum=F.cross_entropy(logits.float(), targets, reduction="sum"),
+        predicted=selected.sum(),
+        correct=(logits.argmax(-1) == targets).sum(),
+    )
 
 
 def has_sparse_head(model: PreTrainedModel) -> bool:
@@ -203,24 +191,13 @@ def flops_per_token(model: PreTrainedModel, mlm_probability: float) -> float:
     return 6.0 * (model.num_parameters(exclude_embeddings=True) + share * head)
 
 
-@torch.no_grad()
 def evaluate(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy over pre-masked batches."""
-    was_training = model.training
-    model.eval()
-    total, correct, count = 0.0, 0, 0
-    for batch in batches:
-        labels = batch["labels"].to(model.device)
-        loss_sum, right = mlm_loss(model, batch["input_ids"].to(model.device), labels)
-        total += loss_sum.item()
-        correct += int(right)
-        count += int((labels != -100).sum())
-    model.train(was_training)
-    loss = total / max(count, 1)
+    """Loss, perplexity and accuracy over the pre-masked held-out batches."""
+    loss, accuracy = score(mlm_loss, model, batches)
     return {
         "eval_loss": round(loss, 6),
-        "perplexity": round(math.exp(min(loss, 700.0)), 4),
-        "mask_accuracy": round(correct / max(count, 1), 6),
+        "perplexity": round(perplexity(loss), 4),
+        "mask_accuracy": round(accuracy, 6),
     }
 
 
@@ -237,57 +214,6 @@ def fixed_eval_batches(
 
 
 # --- training ----------------------------------------------------------------------------------
-
-
-class MlmTrainer(Trainer):
-    """Trainer with the sparse MLM loss, our fixed-mask evaluation, and token/time accounting."""
-
-    def __init__(
-        self, *args: Any, eval_batches: list[dict[str, torch.Tensor]], **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.eval_batches = eval_batches
-        self.tokens_seen = 0
-        self.step_seconds = 0.0
-
-    def _get_train_sampler(self, train_dataset=None):  # type: ignore[override]
-        return EpochSampler(len(train_dataset or self.train_dataset), self.args.seed)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        labels = inputs["labels"]
-        loss_sum, _ = mlm_loss(model, inputs["input_ids"], labels)
-        # With gradient accumulation the Trainer passes the masked-token count of the whole
-        # accumulated batch, so every token weighs the same whatever micro-batch it falls in.
-        denominator = (
-            num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-        )
-        if model.training:
-            self.tokens_seen += inputs["input_ids"].numel()
-        loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)
-        return (loss, None) if return_outputs else loss
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[override]
-        scores = evaluate(self.model, self.eval_batches)
-        metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(
-            self.args, self.state, self.control, metrics
-        )
-        return metrics
-
-
-class StepTimer(TrainerCallback):
-    """Seconds spent in optimizer steps only (not evaluation or checkpointing)."""
-
-    def __init__(self, trainer: MlmTrainer) -> None:
-        self.trainer = trainer
-        self.start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[override]
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-        self.trainer.step_seconds += time.perf_counter() - self.start
 
 
 def param_groups(model: PreTrainedModel, cfg: CptParams) -> list[dict[str, Any]]:
@@ -309,54 +235,6 @@ def param_groups(model: PreTrainedModel, cfg: CptParams) -> list[dict[str, Any]]
     ]
 
 
-def training_args(
-    cfg: CptParams, seed: int, device: torch.device, mode: str | None, out: Path, n_train: int
-) -> TrainingArguments:
-    steps_per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum))
-    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1,
-        warmup_steps=math.ceil(cfg.warmup_ratio * total),
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type="linear",
-        logging_steps=max(1, min(10, cfg.eval_steps)),
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        seed=seed,
-        use_cpu=device.type == "cpu",
-        fp16=mode == "fp16",
-        bf16=mode == "bf16",
-        report_to="none",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-
-
-def write_curves(log_history: list[dict[str, Any]], plots_dir: Path) -> None:
-    """Train and eval loss against step, as dvclive TSV files (no timestamps)."""
-    if plots_dir.exists():
-        shutil.rmtree(plots_dir)
-    with Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=False) as live:
-        for entry in log_history:
-            live.step = entry["step"]
-            if "loss" in entry:
-                live.log_metric("train/loss", entry["loss"])
-            if "eval_loss" in entry:
-                live.log_metric("eval/loss", entry["eval_loss"])
-
-
-# --- stage -------------------------------------------------------------------------------------
-
-
 def split_blocks(
     lines: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: CptParams, seed: int
 ) -> tuple[Blocks, Blocks]:
@@ -370,10 +248,6 @@ def split_blocks(
         Blocks(blocks.input_ids[~held_out], blocks.word_starts[~held_out]),
         Blocks(blocks.input_ids[held_out], blocks.word_starts[held_out]),
     )
-
-
-def describe(label: str, scores: dict[str, float]) -> str:
-    return f"cpt: {label:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
 
 def run(
@@ -403,51 +277,28 @@ def run(
         f" of {cfg.max_length} tokens on {device} ({mode or 'fp32'})"
     )
     base = evaluate(model, eval_batches)
-    print(describe("base", base))
+    print(describe("cpt", "base", base))
 
-    # One directory per configuration: a crashed run resumes, a changed experiment starts fresh.
-    key = fingerprint(asdict(cfg), seed, device_name, fp16, file_digest(data))
-    checkpoints = CHECKPOINTS / f"cpt-{key}"
-    trainer = MlmTrainer(
+    checkpoints = checkpoint_dir("cpt", asdict(cfg), seed, device_name, fp16, file_digest(data))
+    trainer = StageTrainer(
         model=model,
         args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids)),
         train_dataset=MaskedBlocks(train, masking, seed),
-        eval_dataset=eval_batches,  # scored by MlmTrainer.evaluate, never re-masked
+        eval_dataset=eval_batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
         optimizers=(torch.optim.AdamW(param_groups(model, cfg)), None),
-        eval_batches=eval_batches,
+        loss_fn=mlm_loss,
+        eval_fn=lambda m: evaluate(m, eval_batches),
+        sampler=EpochKeys(len(train.input_ids), seed),
     )
-    trainer.add_callback(StepTimer(trainer))
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if resume:
-        print(f"cpt: resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    train_resumable(trainer, "cpt")
 
     final = evaluate(model, eval_batches)
-    print(describe("final", final))
+    print(describe("cpt", "final", final))
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     write_curves(trainer.state.log_history, plots)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return {"base": base, "final": final, "train": throughput(trainer, model, cfg, device)}
-
-
-def throughput(
-    trainer: MlmTrainer, model: PreTrainedModel, cfg: CptParams, device: torch.device
-) -> dict[str, float]:
-    """Tokens, seconds of optimizer steps, tokens/s and MFU against the measured matmul peak."""
-    peak = matmul_flops(device)
-    tokens_per_s = trainer.tokens_seen / max(trainer.step_seconds, 1e-9)
-    mfu = flops_per_token(model, cfg.mlm_probability) * tokens_per_s / peak
-    print(
-        f"cpt: {trainer.tokens_seen} tokens in {trainer.step_seconds:.1f} s = {tokens_per_s:.0f}"
-        f" tokens/s; MFU {mfu:.3f} of a measured {peak / 1e9:.0f} GFLOP/s fp32 matmul peak"
-    )
-    return {
-        "tokens": trainer.tokens_seen,
-        "runtime_s": round(trainer.step_seconds, 2),
-        "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(mfu, 4),
-    }
+    speed = throughput("cpt", trainer, flops_per_token(model, cfg.mlm_probability), device)
+    return {"base": base, "final": final, "train": speed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,17 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    start = time.perf_counter()
-    try:
-        metrics = run(
+    return run_and_record(
+        "cpt",
+        lambda: run(
             params.cpt, params.seed, params.device, params.fp16, args.data, args.output, args.plots
-        )
-    except (ModelNotFoundError, RuntimeError) as err:
-        print(f"cpt: {err}", file=sys.stderr)
-        return 1
-    write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
-    print(f"cpt: done in {time.perf_counter() - start:.0f} s -> {args.output}, {args.metrics}")
-    return 0
+        ),
+        args.metrics,
+    )
 
 
 if __name__ == "__main__":

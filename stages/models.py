@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from stages.runtime import SetupError
+
 BUNDLED_PREFIX = "bundled:"
 # What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files.
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "merges.txt"]
@@ -54,7 +56,7 @@ class ModelSource:
         return {"use_safetensors": True}
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(SetupError):
     """The reference names no model available here; the message says how to provide it."""
 
 

@@ -107,12 +107,27 @@ class CptParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class SftParams:
+class SftParams(TrainingParams):
     model: str = "bundled:smollm2-135m-instruct"  # local dir, bundled:NAME or Hugging Face id
     eval_fraction: float = 0.1  # share of records held out, drawn with `seed`
+    max_length: int = 512  # tokens per example, template included; longer ones are truncated
+    batch_size: int = 8
+    lr: float = 5e-5
+    lora_r: int = 0  # 0 = full fine-tune; > 0 = LoRA rank (merged into the saved model)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    max_new_tokens: int = 64  # greedy generation length for the held-out prompts
+    samples: int = 5  # held-out generations written to the samples file
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_fraction("eval_fraction", self.eval_fraction)
+        _check_fraction("lora_dropout", self.lora_dropout)
+        for key in ("max_length", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lora_r < 0 or self.samples < 0:
+            raise ParamsError("lora_r and samples must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ from typing import Any
 import torch
 
 
+class SetupError(RuntimeError):
+    """The configuration cannot run here (missing model or device, refused precision); the
+    message says what to change. Stages report it in one line instead of a traceback."""
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then the CPU; an explicit device must exist."""
     if device == "auto":
@@ -19,9 +24,9 @@ def resolve_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {device} asked for, but torch sees no CUDA device")
+        raise SetupError(f"device: {device} asked for, but torch sees no CUDA device")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device: mps asked for, but torch sees no MPS device")
+        raise SetupError("device: mps asked for, but torch sees no MPS device")
     return torch.device(device)
 
 
@@ -35,7 +40,7 @@ def precision(fp16: str, device: torch.device) -> str | None:
         return None
     if device.type != "cuda":
         if fp16 == "true":
-            raise RuntimeError(
+            raise SetupError(
                 f"fp16: true needs a CUDA device, but the stage runs on {device.type}; "
                 "mixed precision on a CPU is slower than fp32 here. Set fp16: auto or false."
             )

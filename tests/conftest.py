@@ -18,6 +18,8 @@ from transformers import (
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -49,16 +51,44 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def word_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A GPT-2-like tokenizer: no chat template, one end-of-text token."""
-    tok = Tokenizer(models.WordLevel(word_vocab(["<|endoftext|>", "<unk>"]), unk_token="<unk>"))
+CHAT_WORDS = ["human", "assistant", "user", "system", ":", "?", "."]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def word_level_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """A GPT-2-like tokenizer (no chat template, one end-of-text token), or with `chat` a
+    SmolLM2-like one: ChatML special tokens and template, <|im_end|> as end of turn."""
+    specials = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = word_vocab(specials)
+    vocab.update({w: len(vocab) + i for i, w in enumerate(CHAT_WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
+    if not chat:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+            unk_token="<unk>",
+        )
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
     )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    # len() of a word-level tokenizer can undercount its ids; the embedding must cover them all.
+    return max(tokenizer.get_vocab().values()) + 1
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +97,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = wordpiece_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -85,8 +115,33 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 GPT2LMHeadModel saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("tiny-gpt2")
     tokenizer = word_level_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    config = GPT2Config(
+        vocab_size=vocab_size(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-32 LlamaForCausalLM with a ChatML chat template, like SmolLM2."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = word_level_tokenizer(chat=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -15,7 +15,7 @@ from transformers import (
     pipeline,
 )
 
-from stages import cpt
+from stages import cpt, training
 from tests.conftest import CORPUS, wordpiece_tokenizer
 
 MASK_ID, VOCAB = 4, 1000
@@ -111,9 +111,9 @@ def test_mlm_loss_equals_the_models_own_loss(model: torch.nn.Module) -> None:
     masked, labels = cpt.mask_tokens(
         ids, torch.ones_like(ids, dtype=torch.bool), masking(0.3), generator(3)
     )
-    loss_sum, _ = cpt.mlm_loss(model, masked, labels)
+    parts = cpt.mlm_loss(model, {"input_ids": masked, "labels": labels})
     expected = model(input_ids=masked, labels=labels).loss
-    assert (loss_sum / (labels != -100).sum()).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (parts.loss_sum / parts.predicted).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def write_project(tmp_path: Path, model_dir: Path, **overrides: object) -> Path:
@@ -178,7 +178,7 @@ def test_training_masks_are_fresh_each_epoch_and_reproducible() -> None:
         data[1]["input_ids"], cpt.MaskedBlocks(blocks, masking(0.5), 9)[1]["input_ids"]
     )
     assert not torch.equal(data[1]["labels"], data[1 + len(data)]["labels"])  # next epoch
-    sampler = cpt.EpochSampler(3, seed=9)
+    sampler = cpt.EpochKeys(3, seed=9)
     sampler.set_epoch(2)
     assert sorted(sampler) == [6, 7, 8]
 
@@ -201,7 +201,7 @@ def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
             raise Crash
 
     with monkeypatch.context() as m:
-        m.setattr(cpt.StepTimer, "on_step_end", crash_at_step_5)
+        m.setattr(training.StepTimer, "on_step_end", crash_at_step_5)
         with pytest.raises(Crash):
             run_stage(tmp_path, "resumed")
     capsys.readouterr()

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
-STAGES = {*VALIDATE, "cpt", "sft_base"}
+STAGES = {*VALIDATE, "cpt", "sft_base", "sft"}
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -44,7 +44,16 @@ def repo(
             ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp")
         )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"]["model"] = str(tiny_gpt2_dir)
+    params["sft"].update(
+        model=str(tiny_gpt2_dir),
+        max_length=64,
+        batch_size=4,
+        max_steps=2,
+        eval_steps=2,
+        save_steps=2,
+        max_new_tokens=4,
+        samples=1,
+    )
     params["cpt"].update(
         model=str(tiny_bert_dir),
         max_length=32,
@@ -68,6 +77,8 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert (repo / "metrics/validate/rag.md").is_file()
     assert (repo / "output/cpt/model.safetensors").is_file()
     assert set(json.loads((repo / "metrics/cpt.json").read_text())) == {"base", "final", "train"}
+    assert set(json.loads((repo / "metrics/sft.json").read_text())) == {"base", "final", "train"}
+    assert (repo / "output/sft/model.safetensors").is_file()
     assert ran(sh(repo, "dvc", "repro")) == set()
 
 
@@ -76,14 +87,21 @@ def test_dag_shows_every_stage(repo: Path) -> None:
     for stage in STAGES:
         assert stage in dag
     edges = set(re.findall(r'"(\w+)" -> "(\w+)"', sh(repo, "dvc", "dag", "--dot").stdout))
-    assert edges == {("validate_pretrain", "cpt")}
+    assert edges == {("validate_pretrain", "cpt"), ("validate_sft", "sft"), ("sft_base", "sft")}
 
 
-def test_editing_sft_data_reruns_only_its_validation(repo: Path) -> None:
+def test_editing_sft_data_reruns_its_validation_and_sft_only(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
         f.write('{"prompt": "What is a new test prompt?", "response": "A new answer."}\n')
-    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "sft"}
+
+
+def test_editing_pretrain_data_does_not_rerun_sft(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    with (repo / "data/pretrain.txt").open("a", encoding="utf-8") as f:
+        f.write("One more passage of domain text about masked language models and retrieval.\n")
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_pretrain", "cpt"}
 
 
 def set_param(repo: Path, section: str, key: str, value: object) -> None:
@@ -96,7 +114,9 @@ def test_sft_and_rag_params_do_not_rerun_cpt(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     set_param(repo, "sft", "eval_fraction", 0.2)
     set_param(repo, "rag", "eval_fraction", 0.3)
-    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "validate_rag"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "validate_rag", "sft"}
+    set_param(repo, "sft", "lr", 3e-5)
+    assert ran(sh(repo, "dvc", "repro")) == {"sft"}
 
 
 def test_cpt_params_rerun_only_cpt(repo: Path) -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stages.runtime import fingerprint, matmul_flops, precision, resolve_device
+from stages.runtime import SetupError, fingerprint, matmul_flops, precision, resolve_device
 
 
 def test_auto_device_is_the_cpu_here_and_missing_devices_are_refused() -> None:
@@ -9,7 +9,7 @@ def test_auto_device_is_the_cpu_here_and_missing_devices_are_refused() -> None:
         pytest.skip("this check is for machines without CUDA")
     assert resolve_device("auto").type in ("cpu", "mps")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(SetupError, match="no CUDA device"):
         resolve_device("cuda:1")
 
 
@@ -17,7 +17,7 @@ def test_mixed_precision_is_never_chosen_for_a_cpu() -> None:
     cpu = torch.device("cpu")
     assert precision("auto", cpu) is None
     assert precision("false", cpu) is None
-    with pytest.raises(RuntimeError, match="fp16: true needs a CUDA device"):
+    with pytest.raises(SetupError, match="fp16: true needs a CUDA device"):
         precision("true", cpu)
 
 

@@ -1,0 +1,237 @@
+"""The training loop shared by the CPT and SFT stages: a Hugging Face Trainer with the stage's own
+loss, exact resume from checkpoints kept outside DVC's outputs, throughput/MFU and dvclive curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from dvclive import Live
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from stages.data import write_text_atomic
+from stages.params import TrainingParams
+from stages.runtime import SetupError, fingerprint, matmul_flops
+
+CHECKPOINTS = Path("checkpoints")  # outside DVC's outs: survives a crash, removed on success
+
+
+@dataclass
+class LossParts:
+    loss_sum: torch.Tensor  # summed cross-entropy over the predicted tokens
+    predicted: torch.Tensor  # how many tokens were predicted
+    correct: torch.Tensor  # how many of them the argmax got right
+
+
+LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], LossParts]
+
+
+@torch.no_grad()
+def score(
+    loss_fn: LossFn, model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]
+) -> tuple[float, float]:
+    """Token-weighted loss and accuracy of `model` over `batches`."""
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for batch in batches:
+        parts = loss_fn(model, {k: v.to(model.device) for k, v in batch.items()})
+        total += parts.loss_sum.item()
+        correct += int(parts.correct)
+        count += int(parts.predicted)
+    model.train(was_training)
+    return total / max(count, 1), correct / max(count, 1)
+
+
+def describe(stage: str, label: str, scores: dict[str, float]) -> str:
+    return f"{stage}: {label:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # a fresh head can start far above exp()'s range
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Orders the train split from (seed, epoch) alone, so a run resumed mid-epoch sees exactly
+    the order an uninterrupted run would have. Subclasses decide what an order is."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(torch.Generator().manual_seed(self.seed + self.epoch)))
+
+    def order(self, generator: torch.Generator) -> list[int]:
+        return torch.randperm(self.size, generator=generator).tolist()
+
+
+class StageTrainer(Trainer):
+    """Trainer with the stage's loss, evaluation and sampler, counting tokens and step time."""
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_fn: LossFn,
+        eval_fn: Callable[[PreTrainedModel], dict[str, float]],
+        sampler: EpochSampler,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_fn, self.eval_fn, self.sampler = loss_fn, eval_fn, sampler
+        self.tokens_seen = 0  # real (non-padding) tokens of the batches trained on
+        self.predicted_seen = 0  # of which tokens the loss predicted
+        self.step_seconds = 0.0
+        self.add_callback(StepTimer(self))
+
+    def _get_train_sampler(self, train_dataset=None):  # type: ignore[override]
+        return self.sampler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        parts = self.loss_fn(model, inputs)
+        # With gradient accumulation the Trainer passes the predicted-token count of the whole
+        # accumulated batch, so every token weighs the same whatever micro-batch it falls in.
+        denominator = parts.predicted if num_items_in_batch is None else num_items_in_batch
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            self.predicted_seen += int(parts.predicted)
+        loss = parts.loss_sum / torch.as_tensor(denominator, device=parts.loss_sum.device).clamp(
+            min=1
+        )
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[override]
+        scores = self.eval_fn(self.model)
+        metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent in optimizer steps only (not evaluation or checkpointing)."""
+
+    def __init__(self, trainer: StageTrainer) -> None:
+        self.trainer = trainer
+        self.start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[override]
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
+        self.trainer.step_seconds += time.perf_counter() - self.start
+
+
+def checkpoint_dir(stage: str, *config: Any) -> Path:
+    """One directory per configuration: a crashed run resumes, a changed experiment starts fresh."""
+    return CHECKPOINTS / f"{stage}-{fingerprint(*config)}"
+
+
+def training_args(
+    cfg: TrainingParams,
+    seed: int,
+    device: torch.device,
+    mode: str | None,
+    out: Path,
+    n_train: int,
+) -> TrainingArguments:
+    steps_per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        warmup_steps=math.ceil(cfg.warmup_ratio * total),
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, min(10, cfg.eval_steps)),
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        use_cpu=device.type == "cpu",
+        fp16=mode == "fp16",
+        bf16=mode == "bf16",
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def train_resumable(trainer: StageTrainer, stage: str) -> None:
+    """Train, resuming from the last checkpoint of this configuration; clean up on success."""
+    out = Path(trainer.args.output_dir)
+    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if resume:
+        print(f"{stage}: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def throughput(
+    stage: str, trainer: StageTrainer, flops_per_token: float, device: torch.device
+) -> dict[str, float]:
+    """Tokens, seconds of optimizer steps, tokens/s and MFU against the measured matmul peak."""
+    peak = matmul_flops(device)
+    tokens_per_s = trainer.tokens_seen / max(trainer.step_seconds, 1e-9)
+    mfu = flops_per_token * tokens_per_s / peak
+    print(
+        f"{stage}: {trainer.tokens_seen} tokens in {trainer.step_seconds:.1f} s ="
+        f" {tokens_per_s:.0f} tokens/s; MFU {mfu:.3f} of a measured {peak / 1e9:.0f} GFLOP/s"
+        " fp32 matmul peak"
+    )
+    return {
+        "tokens": trainer.tokens_seen,
+        "runtime_s": round(trainer.step_seconds, 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(mfu, 4),
+    }
+
+
+def run_and_record(stage: str, train: Callable[[], dict[str, Any]], metrics_path: Path) -> int:
+    """Run a training stage's body; write its metrics only when it succeeds. Exit status."""
+    start = time.perf_counter()
+    try:
+        metrics = train()
+    except SetupError as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        return 1
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    print(f"{stage}: done in {time.perf_counter() - start:.0f} s -> {metrics_path}")
+    return 0
+
+
+def write_curves(log_history: list[dict[str, Any]], plots_dir: Path) -> None:
+    """Train and eval loss against step, as dvclive TSV files (no timestamps)."""
+    if plots_dir.exists():
+        shutil.rmtree(plots_dir)
+    with Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=False) as live:
+        for entry in log_history:
+            live.step = entry["step"]
+            if "loss" in entry:
+                live.log_metric("train/loss", entry["loss"])
+            if "eval_loss" in entry:
+                live.log_metric("eval/loss", entry["eval_loss"])

@@ -1,0 +1,190 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from stages import sft, training
+from tests.conftest import CORPUS, word_level_tokenizer
+
+PROMPTS = [f"what does the model learn {w} ?" for w in ["", "from context", "to predict", "tokens"]]
+
+
+def records(n: int) -> list[dict[str, str]]:
+    return [
+        {"prompt": f"{PROMPTS[i % 4]} {'?' * (i // 4)}", "response": CORPUS[i % 3]}
+        for i in range(n)
+    ]
+
+
+def test_human_assistant_format_for_a_tokenizer_without_template() -> None:
+    tokenizer = word_level_tokenizer()
+    assert sft.ensure_chat_template(tokenizer) == "Human/Assistant format"
+    assert sft.prompt_text(tokenizer, "the model ?") == "Human: the model ?\nAssistant:"
+    example = sft.encode(tokenizer, "the model ?", "finds passages", 64)
+    prompt_len = len(tokenizer("Human: the model ?\nAssistant:")["input_ids"])
+    assert example.labels[:prompt_len] == [-100] * prompt_len
+    response = tokenizer.decode(example.labels[prompt_len:])
+    assert response == "finds passages <|endoftext|>"  # the response, then EOS
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one() -> None:
+    tokenizer = word_level_tokenizer(chat=True)
+    assert sft.ensure_chat_template(tokenizer) == "tokenizer chat template"
+    example = sft.encode(tokenizer, "the model ?", "finds passages", 64)
+    learned = [t for t in example.labels if t != -100]
+    assert tokenizer.convert_ids_to_tokens(learned) == ["finds", "passages", "<|im_end|>"]
+    assert tokenizer.decode(example.input_ids).startswith("<|im_start|> user the model ?")
+
+
+def test_long_examples_are_truncated_and_counted() -> None:
+    tokenizer = word_level_tokenizer(chat=True)
+    long = {"prompt": "the model ?", "response": " ".join(["tokens"] * 50)}
+    no_room = {"prompt": " ".join(["model"] * 50), "response": "finds"}
+    kept, truncated = sft.encode_all(tokenizer, [long, no_room, records(1)[0]], max_length=24)
+    assert truncated == 2 and len(kept) == 2  # the one with no response token left is dropped
+    assert len(kept[0].input_ids) == 24 and kept[0].truncated
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_response_only_loss_equals_the_models_own_loss(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(fixture)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sft.ensure_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    examples = [sft.encode(tokenizer, r["prompt"], r["response"], 64) for r in records(3)]
+    batch = sft.collate(examples, pad_id=0)
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    parts = sft.causal_loss(model, batch)
+    expected = model(**batch).loss
+    assert (parts.loss_sum / parts.predicted).item() == pytest.approx(expected.item(), rel=1e-5)
+    prompt_tokens = sum(e.labels.count(-100) for e in examples)
+    assert int(parts.predicted) == sum(len(e.labels) for e in examples) - prompt_tokens
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_every_example() -> None:
+    lengths = [
+        int(x) for x in torch.randint(5, 500, (200,), generator=torch.Generator().manual_seed(0))
+    ]
+    sampler = sft.LengthGrouped(lengths, batch_size=8, seed=1)
+    order = list(sampler)
+    assert sorted(order) == list(range(200)) and order == list(sampler)
+    padded = sum(8 * max(lengths[i] for i in order[b : b + 8]) for b in range(0, 200, 8))
+    assert padded < 1.15 * sum(lengths)  # random batches would pad ~2x here
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_generation_scores() -> None:
+    assert sft.token_f1("The cat sat.", "a cat sat") == 1.0
+    assert sft.token_f1("cat", "dog") == 0.0
+    assert sft.rouge_l("a b c d", "a x c d") == pytest.approx(0.75)
+    assert sft.rouge_l("", "a") == 0.0
+
+
+def write_project(tmp_path: Path, **overrides: object) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = records(30)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:]))
+    cfg = {
+        "max_length": 48,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "epochs": 8,
+        "eval_steps": 10,
+        "save_steps": 10,
+        "warmup_ratio": 0.0,
+        "max_new_tokens": 6,
+        "samples": 2,
+    }
+    cfg.update(overrides)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "sft": cfg}))
+    return tmp_path
+
+
+def run_stage(tmp_path: Path, base: Path) -> int:
+    return sft.main(
+        [
+            f"--base={base}",
+            f"--data={tmp_path / 'data'}",
+            f"--output={tmp_path / 'out'}",
+            f"--metrics={tmp_path / 'sft.json'}",
+            f"--plots={tmp_path / 'plots'}",
+            f"--samples={tmp_path / 'samples.md'}",
+            f"--params={tmp_path / 'params.yaml'}",
+        ]
+    )
+
+
+def test_stage_end_to_end_on_a_tiny_gpt2(
+    tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(write_project(tmp_path), tiny_gpt2_dir) == 0
+    metrics = json.loads((tmp_path / "sft.json").read_text())
+    scores = {"eval_loss", "perplexity", "token_accuracy", "gen_f1", "gen_rougeL"}
+    assert {k: set(v) for k, v in metrics.items()} == {
+        "base": scores,
+        "final": scores,
+        "train": {"response_tokens", "tokens", "truncated", "runtime_s", "tokens_per_s", "mfu"},
+    }
+    assert metrics["final"]["eval_loss"] < metrics["base"]["eval_loss"]
+    assert 0 < metrics["train"]["response_tokens"] < metrics["train"]["tokens"]
+    out = tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == sft.HUMAN_ASSISTANT_TEMPLATE  # saved with the model
+    generator = pipeline("text-generation", model=str(out))
+    reply = generator(
+        [{"role": "user", "content": "the model ?"}], max_new_tokens=3, do_sample=False
+    )
+    assert reply[0]["generated_text"][-1]["role"] == "assistant"
+    assert (tmp_path / "samples.md").read_text().count("**Fine-tuned:**") == 2
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_lora_is_merged_so_the_output_loads_without_peft(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(write_project(tmp_path, lora_r=4, lora_alpha=8, epochs=2), tiny_llama_dir) == 0
+    out = tmp_path / "out"
+    assert not (out / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert set(tuned) == set(base)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(tuned[name], base[name])  # the merged adapter changed the weights
+
+
+def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
+    tmp_path: Path,
+    tiny_gpt2_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, epochs=2, save_steps=3)
+    assert run_stage(tmp_path, tiny_gpt2_dir) == 0
+    clean = json.loads((tmp_path / "sft.json").read_text())["final"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_5(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == 5:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(training.StepTimer, "on_step_end", crash_at_step_5)
+        with pytest.raises(Crash):
+            run_stage(tmp_path, tiny_gpt2_dir)
+    capsys.readouterr()
+    assert run_stage(tmp_path, tiny_gpt2_dir) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "sft.json").read_text())["final"] == clean
