@@ -5,7 +5,7 @@ Prints wall time of training, response tokens/s and held-out loss on response to
 and the ratios. Both held-out losses come from the same function on the same batches. Needs the
 bench extra (`pip install -e '.[bench]'`) and the outputs of `dvc repro sft_base validate_sft`.
 
-    python benchmarks/sft_vs_trl.py [--limit N]
+    python benchmarks/sft_vs_trl.py [--limit N] [--seed S]
 """
 
 from __future__ import annotations
@@ -105,10 +105,11 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("output/sft_base"))
     parser.add_argument("--data", type=Path, default=Path("output/data/sft"))
     parser.add_argument("--limit", type=int, default=0, help="train on the first N records only")
+    parser.add_argument("--seed", type=int, help="seed of both runs (default: params.yaml)")
     args = parser.parse_args()
 
     params = load_params()
-    cfg, seed = params.sft, params.seed
+    cfg, seed = params.sft, params.seed if args.seed is None else args.seed
     records = read_jsonl(args.data / "train.jsonl")
     records = records[: args.limit] if args.limit else records
     tokenizer = AutoTokenizer.from_pretrained(args.base)

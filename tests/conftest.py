@@ -8,6 +8,8 @@ import os
 # Set before huggingface_hub is imported: it reads the variable once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from stages import training
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
@@ -84,6 +88,24 @@ def word_level_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+class Crash(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+@contextmanager
+def crash_at_step(step: int) -> Iterator[None]:
+    """Make the training run inside the block die right after optimizer step `step`."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == step:
+            raise Crash
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.StepTimer, "on_step_end", on_step_end)
+        with pytest.raises(Crash):
+            yield
 
 
 def vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:

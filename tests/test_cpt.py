@@ -15,8 +15,8 @@ from transformers import (
     pipeline,
 )
 
-from stages import cpt, training
-from tests.conftest import CORPUS, wordpiece_tokenizer
+from stages import cpt
+from tests.conftest import CORPUS, crash_at_step, wordpiece_tokenizer
 
 MASK_ID, VOCAB = 4, 1000
 SPECIALS = (0, 1, 2, 3, 4)
@@ -193,17 +193,8 @@ def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
     write_project(tmp_path, tiny_bert_dir, epochs=2, save_steps=2)
     assert run_stage(tmp_path, "clean") == 0
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_5(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step == 5:
-            raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(training.StepTimer, "on_step_end", crash_at_step_5)
-        with pytest.raises(Crash):
-            run_stage(tmp_path, "resumed")
+    with crash_at_step(5):
+        run_stage(tmp_path, "resumed")
     capsys.readouterr()
     assert run_stage(tmp_path, "resumed") == 0
     assert "resuming from" in capsys.readouterr().out

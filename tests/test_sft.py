@@ -6,8 +6,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from stages import sft, training
-from tests.conftest import CORPUS, word_level_tokenizer
+from stages import sft
+from tests.conftest import CORPUS, crash_at_step, word_level_tokenizer
 
 PROMPTS = [f"what does the model learn {w} ?" for w in ["", "from context", "to predict", "tokens"]]
 
@@ -173,17 +173,8 @@ def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
     assert run_stage(tmp_path, tiny_gpt2_dir) == 0
     clean = json.loads((tmp_path / "sft.json").read_text())["final"]
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_5(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step == 5:
-            raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(training.StepTimer, "on_step_end", crash_at_step_5)
-        with pytest.raises(Crash):
-            run_stage(tmp_path, tiny_gpt2_dir)
+    with crash_at_step(5):
+        run_stage(tmp_path, tiny_gpt2_dir)
     capsys.readouterr()
     assert run_stage(tmp_path, tiny_gpt2_dir) == 0
     assert "resuming from" in capsys.readouterr().out
