@@ -1,5 +1,6 @@
-"""The training loop shared by the CPT and SFT stages: a Hugging Face Trainer with the stage's own
-loss, exact resume from checkpoints kept outside DVC's outputs, throughput/MFU and dvclive curves.
+"""The training loop shared by the training stages (CPT, SFT, the RAG retriever): a Hugging Face
+Trainer with the stage's own loss, exact resume from checkpoints kept outside DVC's outputs,
+throughput/MFU and dvclive curves.
 """
 
 from __future__ import annotations
@@ -108,8 +109,7 @@ class StageTrainer(Trainer):
         # accumulated batch, so every token weighs the same whatever micro-batch it falls in.
         denominator = parts.predicted if num_items_in_batch is None else num_items_in_batch
         if model.training:
-            mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            self.tokens_seen += count_tokens(inputs)
             self.predicted_seen += int(parts.predicted)
         loss = parts.loss_sum / torch.as_tensor(denominator, device=parts.loss_sum.device).clamp(
             min=1
@@ -124,6 +124,13 @@ class StageTrainer(Trainer):
             self.args, self.state, self.control, metrics
         )
         return metrics
+
+
+def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """Real tokens of a batch: those of every attention mask (a retriever batch has two), or
+    every input id when the batch has no padding and so no mask."""
+    masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+    return sum(int(m.sum()) for m in masks) if masks else inputs["input_ids"].numel()
 
 
 class StepTimer(TrainerCallback):
