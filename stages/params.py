@@ -130,12 +130,46 @@ class SftParams(TrainingParams):
             raise ParamsError("lora_r and samples must be >= 0")
 
 
+RETRIEVERS = ("dense", "bm25", "hybrid")
+INDEX_TYPES = ("flat", "hnsw", "ivf")
+
+
 @dataclass(frozen=True)
 class RagParams:
     eval_fraction: float = 0.2  # share of questions held out, drawn with `seed`
+    chunk_words: int = 100  # words per knowledge-base chunk of a pretrain passage
+    chunk_overlap: int = 20  # words shared by neighbouring chunks of one passage
+    answer_context: bool = True  # answer entries carry the pretrain sentence that states them
+    max_length: int = 256  # encoder tokens per question or entry; longer ones are truncated
+    retriever: str = "dense"  # what the final system retrieves with: dense|bm25|hybrid
+    index: str = "flat"  # FAISS index: flat (exact) | hnsw | ivf (approximate, large corpora)
+    retriever_epochs: float = 3.0  # contrastive fine-tuning passes over the train questions
+    retriever_lr: float = 1e-4
+    retriever_batch_size: int = 32  # questions per step; the other golds are the negatives
+    top_k: int = 3  # passages put into the generator's prompt
+    max_new_tokens: int = 32  # greedy answer length
+    batch_size: int = 16  # embedding and closed-book generation batch
 
     def __post_init__(self) -> None:
         _check_fraction("eval_fraction", self.eval_fraction)
+        if self.retriever not in RETRIEVERS:
+            raise ParamsError(f"retriever must be {'|'.join(RETRIEVERS)}, got {self.retriever!r}")
+        if self.index not in INDEX_TYPES:
+            raise ParamsError(f"index must be {'|'.join(INDEX_TYPES)}, got {self.index!r}")
+        if not 0 <= self.chunk_overlap < self.chunk_words:
+            raise ParamsError(
+                f"chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}"
+            )
+        if self.retriever_epochs <= 0 or self.retriever_lr <= 0:
+            raise ParamsError("retriever_epochs and retriever_lr must be > 0")
+        if self.retriever_batch_size < 2:
+            raise ParamsError(
+                f"retriever_batch_size must be >= 2 (in-batch negatives), got"
+                f" {self.retriever_batch_size}"
+            )
+        for key in ("max_length", "top_k", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
