@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
-STAGES = {*VALIDATE, "cpt", "sft_base", "sft"}
+STAGES = {*VALIDATE, "cpt", "sft_base", "sft", "rag"}
 
 
 def sh(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,6 +62,7 @@ def repo(
         eval_steps=2,
         save_steps=2,
     )
+    params["rag"].update(max_length=32, retriever_epochs=1, max_new_tokens=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
@@ -79,6 +80,9 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert set(json.loads((repo / "metrics/cpt.json").read_text())) == {"base", "final", "train"}
     assert set(json.loads((repo / "metrics/sft.json").read_text())) == {"base", "final", "train"}
     assert (repo / "output/sft/model.safetensors").is_file()
+    metrics = json.loads((repo / "metrics/rag.json").read_text())
+    assert set(metrics) == {"retrieval", "answers", "latency", "index", "train"}
+    assert (repo / "output/rag/index.faiss").is_file()
     assert ran(sh(repo, "dvc", "repro")) == set()
 
 
@@ -87,21 +91,29 @@ def test_dag_shows_every_stage(repo: Path) -> None:
     for stage in STAGES:
         assert stage in dag
     edges = set(re.findall(r'"(\w+)" -> "(\w+)"', sh(repo, "dvc", "dag", "--dot").stdout))
-    assert edges == {("validate_pretrain", "cpt"), ("validate_sft", "sft"), ("sft_base", "sft")}
+    assert edges == {
+        ("validate_pretrain", "cpt"),
+        ("validate_sft", "sft"),
+        ("sft_base", "sft"),
+        ("validate_pretrain", "rag"),
+        ("validate_rag", "rag"),
+        ("cpt", "rag"),
+        ("sft", "rag"),
+    }
 
 
-def test_editing_sft_data_reruns_its_validation_and_sft_only(repo: Path) -> None:
+def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
         f.write('{"prompt": "What is a new test prompt?", "response": "A new answer."}\n')
-    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "sft"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "sft", "rag"}
 
 
 def test_editing_pretrain_data_does_not_rerun_sft(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     with (repo / "data/pretrain.txt").open("a", encoding="utf-8") as f:
         f.write("One more passage of domain text about masked language models and retrieval.\n")
-    assert ran(sh(repo, "dvc", "repro")) == {"validate_pretrain", "cpt"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_pretrain", "cpt", "rag"}
 
 
 def set_param(repo: Path, section: str, key: str, value: object) -> None:
@@ -114,15 +126,17 @@ def test_sft_and_rag_params_do_not_rerun_cpt(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     set_param(repo, "sft", "eval_fraction", 0.2)
     set_param(repo, "rag", "eval_fraction", 0.3)
-    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "validate_rag", "sft"}
+    assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "validate_rag", "sft", "rag"}
     set_param(repo, "sft", "lr", 3e-5)
-    assert ran(sh(repo, "dvc", "repro")) == {"sft"}
+    assert ran(sh(repo, "dvc", "repro")) == {"sft", "rag"}
+    set_param(repo, "rag", "top_k", 2)
+    assert ran(sh(repo, "dvc", "repro")) == {"rag"}
 
 
-def test_cpt_params_rerun_only_cpt(repo: Path) -> None:
+def test_cpt_params_rerun_cpt_and_rag_only(repo: Path) -> None:
     sh(repo, "dvc", "repro")
     set_param(repo, "cpt", "mlm_probability", 0.2)
-    assert ran(sh(repo, "dvc", "repro")) == {"cpt"}
+    assert ran(sh(repo, "dvc", "repro")) == {"cpt", "rag"}
 
 
 def test_bad_file_fails_the_pipeline_with_file_and_line(repo: Path) -> None:
