@@ -447,6 +447,12 @@ class RagSystem:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise SetupError(f"{path} holds no RAG system (no config.json): run `dvc repro rag`")
+        generator = path / json.loads((path / "config.json").read_text())["generator"]
+        if not (generator / "config.json").is_file():
+            raise SetupError(
+                f"{path}/config.json names the generator {generator}, which holds no model:"
+                " keep output/rag next to output/sft (`dvc pull` or `dvc repro sft`)"
+            )
         return cls(path, resolve_device(device))
 
     def rank(self, questions: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:

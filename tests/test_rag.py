@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import faiss
@@ -286,6 +287,18 @@ def test_ask_without_a_built_system_says_how_to_build_it(
 ) -> None:
     assert rag.main(["ask", "anything?", f"--rag={tmp_path}"]) == 1
     assert "dvc repro rag" in capsys.readouterr().err
+
+
+def test_ask_names_a_missing_generator(
+    built: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = built
+    moved = tmp_path / "rag"
+    shutil.copytree(root / "output/rag", moved)  # without the generator it names
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "generator": "../sft"}))
+    assert rag.main(["ask", "what?", f"--rag={moved}"]) == 1
+    assert "names the generator" in capsys.readouterr().err
 
 
 def test_default_params_load_with_rag_keys() -> None:
