@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from stages.data import eval_mask, file_digest
+from stages.launch import is_main_process, relaunch
 from stages.models import load_model, load_tokenizer, resolve_model
 from stages.params import CptParams, load_params
 from stages.runtime import precision, resolve_device
@@ -251,9 +252,17 @@ def split_blocks(
 
 
 def run(
-    cfg: CptParams, seed: int, device_name: str, fp16: str, data: Path, output: Path, plots: Path
-) -> dict[str, Any]:
-    """Train, save `output`, write curves to `plots`; return the metrics dict."""
+    cfg: CptParams,
+    seed: int,
+    device_name: str,
+    fp16: str,
+    data: Path,
+    output: Path,
+    plots: Path,
+    backend: str = "auto",
+) -> dict[str, Any] | None:
+    """Train, save `output`, write curves to `plots`; return the metrics dict (None on the ranks
+    other than 0 of a distributed run, which train but write nothing)."""
     set_seed(seed)
     device = resolve_device(device_name)
     mode = precision(fp16, device)
@@ -276,13 +285,14 @@ def run(
         f"cpt: {cfg.model}: {len(train.input_ids)} train / {len(heldout.input_ids)} eval blocks"
         f" of {cfg.max_length} tokens on {device} ({mode or 'fp32'})"
     )
-    base = evaluate(model, eval_batches)
-    print(describe("cpt", "base", base))
+    if is_main_process():
+        base = evaluate(model, eval_batches)
+        print(describe("cpt", "base", base))
 
     checkpoints = checkpoint_dir("cpt", asdict(cfg), seed, device_name, fp16, file_digest(data))
     trainer = StageTrainer(
         model=model,
-        args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids)),
+        args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids), backend),
         train_dataset=MaskedBlocks(train, masking, seed),
         eval_dataset=eval_batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
         optimizers=(torch.optim.AdamW(param_groups(model, cfg)), None),
@@ -291,6 +301,8 @@ def run(
         sampler=EpochKeys(len(train.input_ids), seed),
     )
     train_resumable(trainer, "cpt")
+    if not is_main_process():
+        return None
 
     final = evaluate(model, eval_batches)
     print(describe("cpt", "final", final))
@@ -311,10 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    if (status := relaunch(params.launch, "stages.cpt", argv)) is not None:
+        return status
     return run_and_record(
         "cpt",
         lambda: run(
-            params.cpt, params.seed, params.device, params.fp16, args.data, args.output, args.plots
+            params.cpt,
+            params.seed,
+            params.device,
+            params.fp16,
+            args.data,
+            args.output,
+            args.plots,
+            params.launch.backend,
         ),
         args.metrics,
     )

@@ -72,6 +72,9 @@ class TrainingParams:
     weight_decay: float = 0.01
     eval_steps: int = 20  # evaluate the held-out split every N optimizer steps
     save_steps: int = 40  # checkpoint every N optimizer steps (resume after a crash)
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, more compute
+    )
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_steps", "save_steps"):
@@ -172,6 +175,27 @@ class RagParams:
                 raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    nproc_per_node: int = 1  # processes per machine (one per GPU); > 1 runs under torchrun
+    nnodes: int = 1  # machines; each runs `dvc repro` with its own node_rank
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # rank 0's machine
+    master_port: int = 29500
+    backend: str = "auto"  # auto = NCCL on GPUs, gloo on CPUs
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ParamsError("nproc_per_node and nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ParamsError(f"node_rank must be in [0, nnodes), got {self.node_rank}")
+        if self.backend not in BACKENDS:
+            raise ParamsError(f"backend must be {'|'.join(BACKENDS)}, got {self.backend!r}")
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 42  # feeds python, numpy and torch, and every train/eval split
@@ -181,6 +205,7 @@ class Params:
     cpt: CptParams = field(default_factory=CptParams)
     sft: SftParams = field(default_factory=SftParams)
     rag: RagParams = field(default_factory=RagParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):

@@ -49,6 +49,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from stages.data import file_digest, read_jsonl, write_jsonl, write_text_atomic
+from stages.launch import is_main_process, relaunch
 from stages.models import load_model, load_tokenizer, resolve_model
 from stages.params import Params, RagParams, TrainingParams, load_params
 from stages.runtime import SetupError, precision, resolve_device
@@ -341,6 +342,7 @@ def finetune_retriever(
     device: torch.device,
     mode: str | None,
     checkpoints: Path,
+    backend: str = "auto",
 ) -> StageTrainer:
     """Contrastive fine-tuning of `encoder` in place; returns the trainer for its history."""
     train_cfg = retriever_training(cfg)
@@ -350,7 +352,7 @@ def finetune_retriever(
     ]
     trainer = StageTrainer(
         model=encoder,
-        args=training_args(train_cfg, seed, device, mode, checkpoints, len(train)),
+        args=training_args(train_cfg, seed, device, mode, checkpoints, len(train), backend),
         train_dataset=train,
         eval_dataset=batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
         data_collator=collator,
@@ -597,21 +599,22 @@ def evaluate_retrievers(
     args: argparse.Namespace,
     device: torch.device,
     mode: str | None,
-) -> Retrievers:
-    """Rank the entries for the held-out questions with each retriever, fine-tuning on the way."""
+) -> Retrievers | None:
+    """Rank the entries for the held-out questions with each retriever, fine-tuning on the way
+    (None on the ranks other than 0 of a distributed run, which only fine-tune)."""
     cfg, entries = params.rag, kb.entries
     questions, gold = [r["question"] for r in eval_records], kb.gold(eval_records)
     ranks: dict[str, np.ndarray] = {}
-    source = resolve_model(params.cpt.model)
-    base = load_model(AutoModel, source).to(device)
-    ranked, _, _ = dense_ranks(base, load_tokenizer(source), entries, questions, cfg, "base")
-    ranks["base"] = gold_ranks(ranked, gold)
-    del base
-
     tokenizer = AutoTokenizer.from_pretrained(args.cpt)
     encoder = load_encoder(args.cpt, device)
-    ranked, _, _ = dense_ranks(encoder, tokenizer, entries, questions, cfg, "cpt")
-    ranks["cpt"] = gold_ranks(ranked, gold)
+    if is_main_process():  # the other ranks of a distributed run only fine-tune
+        source = resolve_model(params.cpt.model)
+        base = load_model(AutoModel, source).to(device)
+        ranked, _, _ = dense_ranks(base, load_tokenizer(source), entries, questions, cfg, "base")
+        ranks["base"] = gold_ranks(ranked, gold)
+        del base
+        ranked, _, _ = dense_ranks(encoder, tokenizer, entries, questions, cfg, "cpt")
+        ranks["cpt"] = gold_ranks(ranked, gold)
 
     inputs = [args.data / "train.jsonl", args.pretrain, *sorted(args.cpt.glob("*.safetensors"))]
     trainer = finetune_retriever(
@@ -626,7 +629,10 @@ def evaluate_retrievers(
         checkpoint_dir(
             "rag", asdict(cfg), params.seed, params.device, params.fp16, *map(file_digest, inputs)
         ),
+        params.launch.backend,
     )
+    if not is_main_process():
+        return None
     dense, index, embed_per_s = dense_ranks(encoder, tokenizer, entries, questions, cfg, "tuned")
     ranks["finetuned"] = gold_ranks(dense, gold)
     bm25 = build_bm25([e.text for e in entries])
@@ -673,7 +679,7 @@ def evaluate_answers(
     return scores, latency, records
 
 
-def run(params: Params, args: argparse.Namespace) -> dict[str, Any]:
+def run(params: Params, args: argparse.Namespace) -> dict[str, Any] | None:
     """Build and evaluate the RAG system; save it to args.output; return the metrics dict."""
     cfg = params.rag
     set_seed(params.seed)
@@ -690,6 +696,8 @@ def run(params: Params, args: argparse.Namespace) -> dict[str, Any]:
         f" questions; {device} ({mode or 'fp32'})"
     )
     found = evaluate_retrievers(params, kb, train_records, eval_records, args, device, mode)
+    if found is None:
+        return None
     config = RagConfig(
         generator=os.path.relpath(args.sft, args.output),
         retriever=cfg.retriever,
@@ -761,7 +769,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    return run_and_record("rag", lambda: run(load_params(args.params), args), args.metrics)
+    params = load_params(args.params)
+    if (status := relaunch(params.launch, "stages.rag", argv)) is not None:
+        return status
+    return run_and_record("rag", lambda: run(params, args), args.metrics)
 
 
 if __name__ == "__main__":

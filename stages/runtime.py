@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ class SetupError(RuntimeError):
 
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then the CPU; an explicit device must exist."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per torchrun process
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

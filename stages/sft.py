@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from stages.data import file_digest, read_jsonl, write_text_atomic
+from stages.launch import is_main_process, relaunch
 from stages.params import SftParams, load_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
@@ -345,9 +346,16 @@ def samples_markdown(
 
 
 def run(
-    cfg: SftParams, seed: int, device_name: str, fp16: str, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Fine-tune, save the model and the samples; return the metrics dict."""
+    cfg: SftParams,
+    seed: int,
+    device_name: str,
+    fp16: str,
+    args: argparse.Namespace,
+    backend: str = "auto",
+) -> dict[str, Any] | None:
+    """Fine-tune, save the model and the samples; return the metrics dict (None on the ranks
+    other than 0 of a distributed run, which train but write nothing)."""
+    main_process = is_main_process()
     set_seed(seed)
     device = resolve_device(device_name)
     mode = precision(fp16, device)
@@ -367,17 +375,20 @@ def run(
         f" {truncated} truncated to {cfg.max_length} tokens; {device} ({mode or 'fp32'})"
         + (f", LoRA r={cfg.lora_r}" if cfg.lora_r else ", full fine-tune")
     )
-    base, base_answers = evaluate(model, tokenizer, batches, eval_records, cfg)
-    print(describe("sft", "base", base))
+    if main_process:
+        base, base_answers = evaluate(model, tokenizer, batches, eval_records, cfg)
+        print(describe("sft", "base", base))
 
     if cfg.lora_r:
         model = with_lora(model, cfg)
     checkpoints = checkpoint_dir(
         "sft", asdict(cfg), seed, device_name, fp16, file_digest(args.data / "train.jsonl")
     )
-    args_ = training_args(cfg, seed, device, mode, checkpoints, len(train))
+    args_ = training_args(cfg, seed, device, mode, checkpoints, len(train), backend)
     trainer = make_trainer(model, args_, train, batches, tokenizer.pad_token_id)
     train_resumable(trainer, "sft")
+    if not main_process:
+        return None
     share = trainer.predicted_seen / max(trainer.tokens_seen, 1)
     flops = flops_per_token(model, share, lora=bool(cfg.lora_r))
     if cfg.lora_r:
@@ -411,8 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    if (status := relaunch(params.launch, "stages.sft", argv)) is not None:
+        return status
     return run_and_record(
-        "sft", lambda: run(params.sft, params.seed, params.device, params.fp16, args), args.metrics
+        "sft",
+        lambda: run(
+            params.sft, params.seed, params.device, params.fp16, args, params.launch.backend
+        ),
+        args.metrics,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -104,7 +105,7 @@ class StageTrainer(Trainer):
         return self.sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        parts = self.loss_fn(model, inputs)
+        parts = self.stage_loss(model, inputs)
         # With gradient accumulation the Trainer passes the predicted-token count of the whole
         # accumulated batch, so every token weighs the same whatever micro-batch it falls in.
         denominator = parts.predicted if num_items_in_batch is None else num_items_in_batch
@@ -114,7 +115,32 @@ class StageTrainer(Trainer):
         loss = parts.loss_sum / torch.as_tensor(denominator, device=parts.loss_sum.device).clamp(
             min=1
         )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # The count is summed over processes and DDP averages their gradients: scale back up
+            # so that every token of the global batch weighs the same (a no-op in one process).
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+    def stage_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> LossParts:
+        """`loss_fn` on the model, through the DDP wrapper's forward when there is one.
+
+        The loss functions call parts of the model (the encoder, then the vocabulary projection
+        on selected positions only). DDP synchronizes gradients only for work done inside its
+        forward, so the inner model's forward is pointed at the loss function for this call.
+        """
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return self.loss_fn(model, inputs)
+        inner = model.module
+
+        def forward(**batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            parts = self.loss_fn(inner, batch)
+            return parts.loss_sum, parts.predicted, parts.correct  # tensors DDP can trace
+
+        inner.forward = forward
+        try:
+            return LossParts(*model(**inputs))
+        finally:
+            del inner.forward  # back to the class's forward
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[override]
         scores = self.eval_fn(self.model)
@@ -148,8 +174,9 @@ class StepTimer(TrainerCallback):
 
 
 def checkpoint_dir(stage: str, *config: Any) -> Path:
-    """One directory per configuration: a crashed run resumes, a changed experiment starts fresh."""
-    return CHECKPOINTS / f"{stage}-{fingerprint(*config)}"
+    """One directory per configuration: a crashed run resumes, a changed experiment starts fresh.
+    The number of processes is part of it: a step of 2 processes is not a step of one."""
+    return CHECKPOINTS / f"{stage}-{fingerprint(*config, os.environ.get('WORLD_SIZE', '1'))}"
 
 
 def training_args(
@@ -159,8 +186,10 @@ def training_args(
     mode: str | None,
     out: Path,
     n_train: int,
+    backend: str = "auto",
 ) -> TrainingArguments:
-    steps_per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum * world))
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     return TrainingArguments(
         output_dir=str(out),
@@ -185,6 +214,8 @@ def training_args(
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        ddp_backend=None if backend == "auto" else backend,
     )
 
 
@@ -218,7 +249,9 @@ def throughput(
     }
 
 
-def run_and_record(stage: str, train: Callable[[], dict[str, Any]], metrics_path: Path) -> int:
+def run_and_record(
+    stage: str, train: Callable[[], dict[str, Any] | None], metrics_path: Path
+) -> int:
     """Run a training stage's body; write its metrics only when it succeeds. Exit status."""
     start = time.perf_counter()
     try:
@@ -226,6 +259,8 @@ def run_and_record(stage: str, train: Callable[[], dict[str, Any]], metrics_path
     except SetupError as err:
         print(f"{stage}: {err}", file=sys.stderr)
         return 1
+    if metrics is None:  # a process other than rank 0 of a distributed run: rank 0 writes
+        return 0
     write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     print(f"{stage}: done in {time.perf_counter() - start:.0f} s -> {metrics_path}")
     return 0
