@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,33 @@ def test_bad_file_fails_the_pipeline_with_file_and_line(repo: Path) -> None:
     finally:
         rag.write_text(good, encoding="utf-8")
     assert ran(sh(repo, "dvc", "repro")) == {"validate_rag"}
+
+
+def test_queued_experiments_run_and_are_listed_with_their_metrics(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    for lr in ("1e-3", "2e-3"):
+        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"sft.lr={lr}")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh(repo, "dvc", "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    experiments = [
+        exp["data"]
+        for commit in shown
+        for experiment in commit.get("experiments") or []
+        for exp in experiment["revs"]
+    ]
+    lrs = sorted(
+        e["params"]["params.yaml"]["data"]["sft"]["lr"] for e in experiments if e.get("params")
+    )
+    assert lrs == [1e-3, 2e-3]
+    for e in experiments:
+        assert "final" in e["metrics"]["metrics/sft.json"]["data"]
+        assert "answers" in e["metrics"]["metrics/rag.json"]["data"]

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, pipeline
 
 from stages import sft
 from tests.conftest import CORPUS, crash_at_step, word_level_tokenizer
@@ -179,3 +179,27 @@ def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
     assert run_stage(tmp_path, tiny_gpt2_dir) == 0
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((tmp_path / "sft.json").read_text())["final"] == clean
+
+
+def test_gradient_checkpointing_is_switched_on_and_trains_to_the_same_loss(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enabled: list[bool] = []
+    original = PreTrainedModel.activation_checkpointing_enable
+
+    def spy(self: PreTrainedModel, *args: object, **kwargs: object) -> None:
+        enabled.append(True)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", spy)
+    losses = {}
+    for flag in (False, True):
+        project = tmp_path / str(flag)
+        project.mkdir()
+        monkeypatch.chdir(project)
+        write_project(project, epochs=2, gradient_checkpointing=flag)
+        assert run_stage(project, tiny_llama_dir) == 0
+        losses[flag] = json.loads((project / "sft.json").read_text())["final"]["eval_loss"]
+        assert enabled == ([True] if flag else [])
+    # Recomputing activations changes memory, not the arithmetic (the tiny model has no dropout).
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
