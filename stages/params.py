@@ -154,7 +154,8 @@ class RagParams:
     batch_size: int = 16  # embedding and closed-book generation batch
 
     def __post_init__(self) -> None:
-        _check_fraction("eval_fraction", self.eval_fraction)
+        if not 0.0 < self.eval_fraction < 1.0:  # retrieval and answers are scored on held-out
+            raise ParamsError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.retriever not in RETRIEVERS:
             raise ParamsError(f"retriever must be {'|'.join(RETRIEVERS)}, got {self.retriever!r}")
         if self.index not in INDEX_TYPES:

@@ -223,21 +223,24 @@ def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
 def bm25_search(
     bm25: bm25s.BM25, questions: Sequence[str], depth: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, entry indices) of the `depth` best entries per question."""
+    """(scores, entry indices) of the `depth` best entries per question; -1 where none matched."""
     ids, scores = bm25.retrieve(
         bm25_tokens(questions), k=min(depth, bm25.scores["num_docs"]), show_progress=False
     )
-    return scores, ids.astype(np.int64)
+    # An entry sharing no word with the question scores 0: it was not found, whatever its rank.
+    return scores, np.where(scores > 0, ids, -1).astype(np.int64)
 
 
 def fuse(rankings: Sequence[np.ndarray], n_entries: int, depth: int) -> tuple[np.ndarray, ...]:
-    """Reciprocal-rank fusion: each ranking gives 1 / (RRF_K + rank) to the entries it lists."""
+    """Reciprocal-rank fusion: each ranking gives 1 / (RRF_K + rank) to the entries it lists.
+    Entries that no ranking lists come last as -1 (not found)."""
     fused = np.zeros((len(rankings[0]), n_entries))
     for ranking in rankings:
         rows, cols = np.nonzero(ranking >= 0)
         np.add.at(fused, (rows, ranking[rows, cols]), 1.0 / (RRF_K + cols + 1))
     order = np.argsort(-fused, axis=1, kind="stable")[:, :depth]
-    return np.take_along_axis(fused, order, axis=1), order
+    scores = np.take_along_axis(fused, order, axis=1)
+    return scores, np.where(scores > 0, order, -1)
 
 
 # --- scores ------------------------------------------------------------------------------------
@@ -638,7 +641,9 @@ def evaluate_retrievers(
     bm25 = build_bm25([e.text for e in entries])
     lexical = bm25_search(bm25, questions, len(entries))[1]
     ranks["bm25"] = gold_ranks(lexical, gold)
-    ranks["hybrid"] = gold_ranks(fuse([dense, lexical], len(entries), len(entries))[1], gold)
+    # Fused from each retriever's top CANDIDATES, exactly as `RagSystem.rank` answers.
+    fused = fuse([dense[:, :CANDIDATES], lexical[:, :CANDIDATES]], len(entries), len(entries))
+    ranks["hybrid"] = gold_ranks(fused[1], gold)
     for name, r in ranks.items():
         print(
             f"rag: {name:<9} " + "  ".join(f"{k} {v:.3f}" for k, v in retrieval_scores(r).items())

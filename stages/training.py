@@ -133,7 +133,11 @@ class StageTrainer(Trainer):
         inner = model.module
 
         def forward(**batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            parts = self.loss_fn(inner, batch)
+            del inner.forward  # the loss function may call the model itself: the real forward
+            try:
+                parts = self.loss_fn(inner, batch)
+            finally:
+                inner.forward = forward
             return parts.loss_sum, parts.predicted, parts.correct  # tensors DDP can trace
 
         inner.forward = forward
@@ -226,7 +230,9 @@ def train_resumable(trainer: StageTrainer, stage: str) -> None:
     if resume:
         print(f"{stage}: resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
-    shutil.rmtree(out, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
+    if trainer.is_local_process_zero():
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def throughput(

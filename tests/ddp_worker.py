@@ -1,5 +1,6 @@
-"""Run by torchrun from test_launch.py: a few SFT steps on 2 processes, then every rank checks
-that its weights equal rank 0's (DDP synchronized the gradients) and that they moved."""
+"""Run by torchrun from test_launch.py: a few training steps of one stage's loss on 2 processes,
+then every rank checks that its weights equal rank 0's (DDP synchronized the gradients) and that
+they moved. `sft` trains a causal LM, `rag` the retriever (whose loss calls the model itself)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,52 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from stages import sft
-from stages.params import SftParams
-from stages.training import training_args
+from stages import rag, sft
+from stages.params import RagParams, SftParams
+from stages.training import StageTrainer, training_args
 
 CORPUS = ["the model learns to predict masked tokens", "a retriever finds passages"]
 
 
-def main(model_dir: str, out: str) -> None:
+def sft_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     records = [{"prompt": f"what {i}", "response": CORPUS[i % 2]} for i in range(16)]
     train, _ = sft.encode_all(tokenizer, records, 32)
     cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=100, save_steps=100)
-    args = training_args(cfg, 0, torch.device("cpu"), None, Path(out), len(train))
-    trainer = sft.make_trainer(model, args, train, [], tokenizer.pad_token_id)
+    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train))
+    return model, sft.make_trainer(model, args, train, [], tokenizer.pad_token_id)
+
+
+def rag_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTrainer]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)  # the unused pooler starts the same on both ranks
+    encoder = AutoModel.from_pretrained(model_dir)
+    entries = [rag.Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
+    pairs = [(f"question {i} {CORPUS[i % 2]}", i) for i in range(16)]
+    cfg = RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1)
+    collate = rag.PairCollator(tokenizer, entries, max_length=16)
+    train_cfg = rag.retriever_training(cfg)
+    args = training_args(train_cfg, 0, torch.device("cpu"), None, out, len(pairs))
+    args.max_steps = 4
+    trainer = StageTrainer(
+        model=encoder,
+        args=args,
+        train_dataset=pairs,
+        eval_dataset=[],
+        data_collator=collate,
+        loss_fn=rag.contrastive_loss,
+        eval_fn=lambda m: {},
+        sampler=rag.EpochSampler(len(pairs), 0),
+    )
+    return encoder, trainer
+
+
+def main(kind: str, model_dir: str, out: str) -> None:
+    model, trainer = (sft_trainer if kind == "sft" else rag_trainer)(model_dir, Path(out))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     trainer.train()
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(after) for _ in range(dist.get_world_size())]

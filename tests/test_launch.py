@@ -29,14 +29,16 @@ def test_one_process_trains_in_place_and_more_relaunch_under_torchrun() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "rag"])
 def test_ddp_keeps_the_two_processes_weights_identical(
-    tiny_llama_dir: Path, tmp_path: Path
+    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
+    model = tiny_llama_dir if kind == "sft" else tiny_bert_dir
     worker = Path(__file__).with_name("ddp_worker.py")
     command = launch.torchrun_command(
         LaunchParams(nproc_per_node=2, master_port=free_port()), "", []
     )
-    command = [*command[:-2], str(worker), str(tiny_llama_dir), str(tmp_path / "ckpt")]
+    command = [*command[:-2], str(worker), kind, str(model), str(tmp_path / "ckpt")]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):

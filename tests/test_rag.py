@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from stages import rag
 from stages.data import write_jsonl
-from stages.params import RagParams, load_params
+from stages.params import ParamsError, RagParams, load_params
 from stages.sft import prompt_text
 from tests.conftest import crash_at_step, word_level_tokenizer
 
@@ -81,7 +81,7 @@ def test_reciprocal_rank_fusion_prefers_entries_both_rank_high() -> None:
     lexical = np.array([[1, 2, 0]])
     scores, order = rag.fuse([dense, lexical], n_entries=4, depth=4)
     # 1 is 2nd and 1st, 0 is 1st and 3rd, 2 is 3rd and 2nd, 3 is in neither ranking.
-    assert order[0].tolist() == [1, 0, 2, 3]
+    assert order[0].tolist() == [1, 0, 2, -1]
     assert scores[0].tolist() == pytest.approx(
         [1 / 62 + 1 / 61, 1 / 61 + 1 / 63, 1 / 63 + 1 / 62, 0]
     )
@@ -101,11 +101,13 @@ def test_index_round_trip_finds_the_nearest_entry(kind: str, tmp_path: Path) -> 
     assert np.allclose(scores[:, 0][ids[:, 0] == np.arange(20)], 1.0, atol=1e-5)
 
 
-def test_bm25_ranks_the_entry_sharing_rare_words_first() -> None:
+def test_bm25_ranks_the_entry_sharing_rare_words_first_and_lists_no_non_match() -> None:
     bm25 = rag.build_bm25([*PASSAGES, "an unrelated sentence about cooking"])
     scores, ids = rag.bm25_search(bm25, ["which retriever finds passages?", "cooking"], depth=3)
     assert ids[:, 0].tolist() == [1, 2]
-    assert scores[0, 0] > scores[0, 1]
+    assert scores[0, 0] > 0
+    assert ids[1].tolist() == [2, -1, -1]  # only one entry mentions cooking
+    assert (rag.bm25_search(bm25, ["qqq"], depth=3)[1] == -1).all()
 
 
 def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
@@ -299,6 +301,12 @@ def test_ask_names_a_missing_generator(
     (moved / "config.json").write_text(json.dumps({**config, "generator": "../sft"}))
     assert rag.main(["ask", "what?", f"--rag={moved}"]) == 1
     assert "names the generator" in capsys.readouterr().err
+
+
+def test_rag_params_refuse_what_cannot_run() -> None:
+    for bad in ({"eval_fraction": 0.0}, {"retriever": "sparse"}, {"chunk_overlap": 100}):
+        with pytest.raises(ParamsError, match=next(iter(bad))):
+            RagParams(**bad)
 
 
 def test_default_params_load_with_rag_keys() -> None:
