@@ -43,7 +43,7 @@ def test_out_of_range_values_fail(tmp_path: Path) -> None:
         load_params(write(tmp_path, "device: gpu\n"))
     with pytest.raises(ParamsError, match="fp16 must be"):
         load_params(write(tmp_path, "fp16: maybe\n"))
-    with pytest.raises(ParamsError, match=r"rag\.eval_fraction must be in \[0, 1\)"):
+    with pytest.raises(ParamsError, match=r"rag\.eval_fraction must be in \(0, 1\)"):
         load_params(write(tmp_path, "rag:\n  eval_fraction: 1.5\n"))
     with pytest.raises(
         ParamsError, match=r"validate\.rag\.answer\.min_chars must be in \[0, max_chars\]"
