@@ -13,7 +13,6 @@ seed, so the base and the final model are scored on exactly the same predictions
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,14 +23,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from stages.data import eval_mask, file_digest
-from stages.launch import is_main_process, relaunch
+from stages.launch import exit_process, is_main_process, relaunch
 from stages.models import load_model, load_tokenizer, resolve_model
-from stages.params import CptParams, load_params
+from stages.params import CptParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
     EpochSampler,
     LossParts,
+    StageResult,
     StageTrainer,
+    add_timings_option,
     checkpoint_dir,
     describe,
     perplexity,
@@ -260,8 +261,8 @@ def run(
     output: Path,
     plots: Path,
     backend: str = "auto",
-) -> dict[str, Any] | None:
-    """Train, save `output`, write curves to `plots`; return the metrics dict (None on the ranks
+) -> StageResult | None:
+    """Train, save `output`, write curves to `plots`; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which train but write nothing)."""
     set_seed(seed)
     device = resolve_device(device_name)
@@ -310,7 +311,7 @@ def run(
     tokenizer.save_pretrained(output)
     write_curves(trainer.state.log_history, plots)
     speed = throughput("cpt", trainer, flops_per_token(model, cfg.mlm_probability), device)
-    return {"base": base, "final": final, "train": speed}
+    return StageResult({"base": base, "final": final}, {"train": speed})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    add_timings_option(parser, "cpt")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_stage_params(args.params, "cpt")
     if (status := relaunch(params.launch, "stages.cpt", argv)) is not None:
         return status
     return run_and_record(
@@ -338,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             params.launch.backend,
         ),
         args.metrics,
+        args.timings,
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -49,9 +49,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from stages.data import file_digest, read_jsonl, write_jsonl, write_text_atomic
-from stages.launch import is_main_process, relaunch
+from stages.launch import exit_process, is_main_process, relaunch
 from stages.models import load_model, load_tokenizer, resolve_model
-from stages.params import Params, RagParams, TrainingParams, load_params
+from stages.params import Params, RagParams, TrainingParams, load_stage_params
 from stages.runtime import SetupError, precision, resolve_device
 from stages.sft import (
     ensure_chat_template,
@@ -64,7 +64,9 @@ from stages.sft import (
 from stages.training import (
     EpochSampler,
     LossParts,
+    StageResult,
     StageTrainer,
+    add_timings_option,
     checkpoint_dir,
     run_and_record,
     score,
@@ -215,8 +217,13 @@ def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
 
 
 def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
+    tokens = bm25_tokens(texts)
+    # Words numbered in sorted order: bm25s would number them in set order, which follows
+    # Python's per-process hash seed, and the saved index would differ from run to run.
+    vocab = {word: i for i, word in enumerate(sorted({w for doc in tokens for w in doc}))}
     bm25 = bm25s.BM25()
-    bm25.index(bm25_tokens(texts), show_progress=False)
+    ids = [[vocab[w] for w in doc] for doc in tokens]
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
     return bm25
 
 
@@ -684,8 +691,8 @@ def evaluate_answers(
     return scores, latency, records
 
 
-def run(params: Params, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Build and evaluate the RAG system; save it to args.output; return the metrics dict."""
+def run(params: Params, args: argparse.Namespace) -> StageResult | None:
+    """Build and evaluate the RAG system; save it to args.output; return metrics and timings."""
     cfg = params.rag
     set_seed(params.seed)
     device = resolve_device(params.device)
@@ -721,13 +728,14 @@ def run(params: Params, args: argparse.Namespace) -> dict[str, Any] | None:
     system = RagSystem.load(args.output, params.device)  # what `ask` will load
     answers, latency, predictions = evaluate_answers(system, kb, eval_records, cfg)
     write_jsonl(args.predictions, predictions)
-    return {
+    metrics = {
         "retrieval": {name: retrieval_scores(r) for name, r in found.ranks.items()},
         "answers": answers,
-        "latency": {"embed_passages_per_s": round(found.embed_per_s, 1), **latency},
         "index": {"entries": len(kb.entries), "dim": found.index.d, "type": cfg.index},
-        "train": {"eval_loss": round(eval_loss[-1], 6), **speed},
+        "train": {"eval_loss": round(eval_loss[-1], 6)},
     }
+    latency = {"embed_passages_per_s": round(found.embed_per_s, 1), **latency}
+    return StageResult(metrics, {"train": speed, "latency": latency})
 
 
 def ask_main(argv: list[str] | None = None) -> int:
@@ -773,12 +781,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    add_timings_option(parser, "rag")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = load_stage_params(args.params, "rag")
     if (status := relaunch(params.launch, "stages.rag", argv)) is not None:
         return status
-    return run_and_record("rag", lambda: run(params, args), args.metrics)
+    return run_and_record("rag", lambda: run(params, args), args.metrics, args.timings)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import re
 import string
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +31,15 @@ from transformers import (
 )
 
 from stages.data import file_digest, read_jsonl, write_text_atomic
-from stages.launch import is_main_process, relaunch
-from stages.params import SftParams, load_params
+from stages.launch import exit_process, is_main_process, relaunch
+from stages.params import SftParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
     EpochSampler,
     LossParts,
+    StageResult,
     StageTrainer,
+    add_timings_option,
     checkpoint_dir,
     describe,
     perplexity,
@@ -352,8 +352,8 @@ def run(
     fp16: str,
     args: argparse.Namespace,
     backend: str = "auto",
-) -> dict[str, Any] | None:
-    """Fine-tune, save the model and the samples; return the metrics dict (None on the ranks
+) -> StageResult | None:
+    """Fine-tune, save the model and the samples; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which train but write nothing)."""
     main_process = is_main_process()
     set_seed(seed)
@@ -403,11 +403,10 @@ def run(
         args.samples, samples_markdown(eval_records, base_answers, final_answers, cfg.samples)
     )
     speed = throughput("sft", trainer, flops, device)
-    return {
-        "base": base,
-        "final": final,
-        "train": {"response_tokens": trainer.predicted_seen, "truncated": truncated, **speed},
-    }
+    return StageResult(
+        {"base": base, "final": final, "train": {"truncated": truncated}},
+        {"train": {"response_tokens": trainer.predicted_seen, **speed}},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    add_timings_option(parser, "sft")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_stage_params(args.params, "sft")
     if (status := relaunch(params.launch, "stages.sft", argv)) is not None:
         return status
     return run_and_record(
@@ -430,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             params.sft, params.seed, params.device, params.fp16, args, params.launch.backend
         ),
         args.metrics,
+        args.timings,
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

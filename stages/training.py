@@ -5,6 +5,7 @@ throughput/MFU and dvclive curves.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,9 +20,11 @@ from typing import Any
 import torch
 from dvclive import Live
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stages.data import write_text_atomic
+from stages.launch import end_distributed
 from stages.params import TrainingParams
 from stages.runtime import SetupError, fingerprint, matmul_flops
 
@@ -223,16 +226,30 @@ def training_args(
     )
 
 
+def last_complete_checkpoint(out: Path) -> Path | None:
+    """The latest checkpoint that was fully written. The Trainer writes trainer_state.json last,
+    so a folder without it is one a crash (a SIGKILL, a lost node) interrupted mid-save."""
+    complete = [
+        path
+        for path in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit()
+        and (path / TRAINER_STATE_NAME).is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
 def train_resumable(trainer: StageTrainer, stage: str) -> None:
-    """Train, resuming from the last checkpoint of this configuration; clean up on success."""
+    """Train, resuming from the last complete checkpoint of this configuration; clean up on
+    success."""
     out = Path(trainer.args.output_dir)
-    resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    resume = last_complete_checkpoint(out)
     if resume:
         print(f"{stage}: resuming from {resume}")
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
     if trainer.is_local_process_zero():
         shutil.rmtree(out, ignore_errors=True)
+    end_distributed()  # what follows (scoring, writing) is rank 0's alone
 
 
 def throughput(
@@ -255,20 +272,41 @@ def throughput(
     }
 
 
+@dataclass
+class StageResult:
+    """What a training stage reports. `metrics` depend only on params, data and code, so the
+    same inputs give a byte-identical file and DVC has nothing to rerun downstream; `timings`
+    are this machine's speed on this run, written beside the outputs and never hashed by DVC."""
+
+    metrics: dict[str, Any]
+    timings: dict[str, Any]
+
+
+def add_timings_option(parser: argparse.ArgumentParser, stage: str) -> None:
+    parser.add_argument(
+        "--timings",
+        type=Path,
+        default=Path(f"output/timings/{stage}.json"),
+        help="where this run's speed goes (not a DVC output: it differs on every run)",
+    )
+
+
 def run_and_record(
-    stage: str, train: Callable[[], dict[str, Any] | None], metrics_path: Path
+    stage: str, train: Callable[[], StageResult | None], metrics_path: Path, timings_path: Path
 ) -> int:
-    """Run a training stage's body; write its metrics only when it succeeds. Exit status."""
+    """Run a training stage's body; write its metrics and timings only when it succeeds."""
     start = time.perf_counter()
     try:
-        metrics = train()
+        result = train()
     except SetupError as err:
         print(f"{stage}: {err}", file=sys.stderr)
         return 1
-    if metrics is None:  # a process other than rank 0 of a distributed run: rank 0 writes
+    if result is None:  # a process other than rank 0 of a distributed run: rank 0 writes
         return 0
-    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    print(f"{stage}: done in {time.perf_counter() - start:.0f} s -> {metrics_path}")
+    timings = {**result.timings, "stage_s": round(time.perf_counter() - start, 1)}
+    write_text_atomic(timings_path, json.dumps(timings, indent=2) + "\n")
+    write_text_atomic(metrics_path, json.dumps(result.metrics, indent=2) + "\n")
+    print(f"{stage}: done in {timings['stage_s']:.0f} s -> {metrics_path}")
     return 0
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from stages import rag, sft
+from stages.launch import exit_process
 from stages.params import RagParams, SftParams
 from stages.training import StageTrainer, training_args
 
@@ -68,3 +69,4 @@ def main(kind: str, model_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)
