@@ -4,7 +4,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC stage commands call `python`; run them with the project's environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint
+.PHONY: setup repro smoke test test-fast lint
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 repro: setup
 	dvc repro
 	@python -m stages.summary
+
+# The whole pipeline with tiny step counts in a throw-away copy: checks an install in minutes.
+smoke: setup
+	python -m stages.smoke
 
 test: setup
 	pytest

@@ -238,6 +238,15 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: {err}") from None
 
 
+def load_stage_params(path: Path | str, stage: str) -> Params:
+    """`load_params` for a stage's entry point: a bad params.yaml (say from `dvc exp run -S`)
+    stops the stage with one line naming the key, before any model is loaded."""
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        raise SystemExit(f"{stage}: {err}") from None
+
+
 def build(cls: type[T], data: Any, prefix: str) -> T:
     """Build dataclass `cls` from a mapping, recursing into nested dataclasses."""
     where = prefix.rstrip(".") or "top level"

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from stages.params import load_params
+from stages.params import load_stage_params
 
 
 def export_base(ref: str, output: Path) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
 
-    ref = load_params(args.params).sft.model
+    ref = load_stage_params(args.params, "sft_base").sft.model
     start = time.perf_counter()
     try:
         n_params = export_base(ref, args.output)

@@ -1,36 +1,119 @@
-"""Print where the pipeline's outputs are: run at the end of `make repro`.
+"""Stage `report`: the key metrics of every stage as one short table.
 
-Reads dvc.yaml rather than a list of its own, so it stays true as stages are added.
+`dvc repro` runs it after the stages whose metrics changed and writes `metrics/summary.md`;
+`make repro` prints it again at the end, with this machine's timings beside it. The table holds
+only metrics (deterministic for the same inputs); timings come from `output/timings/` and are
+printed, never written to a DVC output.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from stages.data import write_text_atomic
+
+Row = tuple[str, str, str]  # stage, metric, value
 
 
-def stage_outputs(dvc_yaml: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-    """Map each stage to its (kind, path) outputs, kind being outs, metrics or plots."""
-    table: dict[str, list[tuple[str, str]]] = {}
-    for name, stage in dvc_yaml.get("stages", {}).items():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path = entry if isinstance(entry, str) else next(iter(entry))
-                table.setdefault(name, []).append((kind, path))
-    return table
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def main() -> int:
-    table = stage_outputs(yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8")))
-    print("\nOutputs (dvc.yaml):")
-    for stage, outputs in table.items():
-        for kind, path in outputs:
-            state = "" if Path(path).exists() else "  (missing: run `dvc repro`)"
-            print(f"  {stage:<18} {kind:<8} {path}{state}")
-    print("Compare runs with `dvc metrics show`, `dvc metrics diff`, `dvc plots show`.")
+def change(before: float, after: float) -> str:
+    return f"{before:.3f} → {after:.3f}"
+
+
+def validate_rows(metrics: Path) -> list[Row]:
+    rows = []
+    for name in ("pretrain", "sft", "rag"):
+        m = read_json(metrics / "validate" / f"{name}.json")
+        if m is not None:
+            split = f" ({m['train']} train / {m['eval']} held out)" if "eval" in m else ""
+            rows.append((f"validate_{name}", "records", f"{m['records']}{split}"))
+    return rows
+
+
+def cpt_rows(m: dict[str, Any]) -> list[Row]:
+    base, final = m["base"], m["final"]
+    return [
+        ("cpt", "held-out MLM loss", change(base["eval_loss"], final["eval_loss"])),
+        ("cpt", "mask accuracy", change(base["mask_accuracy"], final["mask_accuracy"])),
+    ]
+
+
+def sft_rows(m: dict[str, Any]) -> list[Row]:
+    base, final = m["base"], m["final"]
+    return [
+        ("sft", "held-out loss", change(base["eval_loss"], final["eval_loss"])),
+        ("sft", "answer F1", change(base["gen_f1"], final["gen_f1"])),
+    ]
+
+
+def rag_rows(m: dict[str, Any]) -> list[Row]:
+    retrieval, answers = m["retrieval"], m["answers"]
+    recall = ", ".join(f"{name} {s['recall@5']:.3f}" for name, s in retrieval.items())
+    return [
+        ("rag", "recall@5", recall),
+        ("rag", "MRR (fine-tuned)", f"{retrieval['finetuned']['mrr']:.3f}"),
+        (
+            "rag",
+            "answer F1",
+            f"closed-book {answers['closed_book']['f1']:.3f}"
+            f" → with passages {answers['rag']['f1']:.3f}",
+        ),
+    ]
+
+
+def metric_rows(metrics: Path) -> list[Row]:
+    """Key metrics of every stage that has written its file (a stage not yet run is left out)."""
+    rows = validate_rows(metrics)
+    for name, rows_of in (("cpt", cpt_rows), ("sft", sft_rows), ("rag", rag_rows)):
+        if (m := read_json(metrics / f"{name}.json")) is not None:
+            rows += rows_of(m)
+    return rows
+
+
+def timing_rows(timings: Path) -> list[Row]:
+    rows = []
+    for name in ("cpt", "sft", "rag"):
+        if (t := read_json(timings / f"{name}.json")) is None:
+            continue
+        speed = f"{t['stage_s']:.0f} s, training {t['train']['tokens_per_s']:.0f} tokens/s"
+        if "latency" in t:
+            speed += f", answer p50 {t['latency']['answer_ms_p50'] / 1000:.2f} s"
+        rows.append((name, "time (this machine)", speed))
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    """A markdown table with padded columns, so it reads the same in a terminal."""
+    table = [("stage", "metric", "value"), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in table
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
+    parser.add_argument("--timings", type=Path, default=Path("output/timings"))
+    parser.add_argument("--output", type=Path, help="write the metrics table here (markdown)")
+    args = parser.parse_args(argv)
+    rows = metric_rows(args.metrics)
+    if args.output:
+        write_text_atomic(args.output, markdown(rows))
+    else:
+        rows += timing_rows(args.timings)
+    print("\n" + markdown(rows))
+    print("Compare runs: dvc exp show, dvc metrics diff, dvc params diff, dvc plots diff.")
     return 0
 
 

@@ -32,7 +32,7 @@ from stages.data import (
     write_jsonl,
     write_text_atomic,
 )
-from stages.params import Bounds, Params, load_params
+from stages.params import Bounds, Params, load_stage_params
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_stage_params(args.params, f"validate_{args.dataset}")
     ds = DATASETS[args.dataset]
     try:
         frame, metrics, result = validate_file(args.input, ds, params)
