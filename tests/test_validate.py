@@ -5,6 +5,7 @@ import pytest
 
 from stages import validate
 from stages.data import eval_mask, read_jsonl
+from stages.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [
@@ -142,7 +143,7 @@ def test_empty_file_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[st
     ("dataset", "name"), [("pretrain", "pretrain.txt"), ("sft", "sft.jsonl"), ("rag", "rag.jsonl")]
 )
 def test_default_data_passes_with_the_repository_params(dataset: str, name: str) -> None:
-    params = validate.load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml")
     frame, metrics, _ = validate.validate_file(
         ROOT / "data" / name, validate.DATASETS[dataset], params
     )
