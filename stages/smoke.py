@@ -21,7 +21,14 @@ import yaml
 # What each phase still does, in a few steps: train, checkpoint, evaluate, answer.
 SMOKE_PARAMS: dict[str, dict[str, Any]] = {
     "cpt": {"max_steps": 4, "eval_steps": 2, "save_steps": 2},
-    "sft": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "max_new_tokens": 8, "samples": 2},
+    "sft": {
+        "batch_size": 2,
+        "max_steps": 4,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "max_new_tokens": 8,
+        "samples": 2,
+    },
     "rag": {"retriever_epochs": 1, "max_new_tokens": 8},
 }
 PROJECT = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "data", ".dvc"]
