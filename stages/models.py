@@ -6,7 +6,10 @@ A reference is one of:
 - a Hugging Face id such as `bert-base-uncased` or `gpt2`, used from the local cache, or
   downloaded when the hub is reachable.
 
-Loading never runs remote code and reads safetensors only (or the GGUF file of a bundled model).
+Loading never runs remote code. Weights are read from safetensors whenever a model has them; a
+hub model published only as PyTorch pickles (facebook/rag-sequence-nq on its main branch) is read
+with transformers' `torch.load(weights_only=True)`, which loads tensors and nothing executable.
+A bundled model is read from its GGUF file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from stages.runtime import SetupError
 
 BUNDLED_PREFIX = "bundled:"
-# What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files.
+# What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files;
+# PICKLED_WEIGHTS only for a model that has no safetensors.
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "merges.txt"]
+PICKLED_WEIGHTS = ["pytorch_model*.bin"]
 HUB_TIMEOUT_S = 10.0
 
 
@@ -53,7 +58,11 @@ class ModelSource:
     def load_kwargs(self) -> dict[str, Any]:
         if self.gguf_file:
             return {"gguf_file": self.gguf_file}
-        return {"use_safetensors": True}
+        return {"use_safetensors": True} if has_safetensors(self.path) else {}
+
+
+def has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
 
 
 class ModelNotFoundError(SetupError):
@@ -110,9 +119,16 @@ def _hub_snapshot(repo_id: str) -> Path:
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFoundError(hint.format(why="HF_HUB_OFFLINE is set"))
     try:
-        return Path(
+        path = Path(
             snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=HUB_TIMEOUT_S)
         )
+        if not has_safetensors(path):
+            path = Path(
+                snapshot_download(
+                    repo_id, allow_patterns=HUB_FILES + PICKLED_WEIGHTS, etag_timeout=HUB_TIMEOUT_S
+                )
+            )
+        return path
     except Exception as err:  # network errors come in many types; all mean "not available"
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise ModelNotFoundError(hint.format(why=why)) from err
@@ -122,7 +138,7 @@ M = TypeVar("M", bound=PreTrainedModel)
 
 
 def load_model(auto_class: type[M], source: ModelSource, **kwargs: Any) -> M:
-    """Load weights with `auto_class` (e.g. AutoModelForMaskedLM); safetensors or GGUF only."""
+    """Load weights with `auto_class` (e.g. AutoModelForMaskedLM), never running remote code."""
     model = auto_class.from_pretrained(  # type: ignore[attr-defined]
         source.path, trust_remote_code=False, **source.load_kwargs(), **kwargs
     )

@@ -135,10 +135,16 @@ class SftParams(TrainingParams):
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+RAG_BACKENDS = ("cpt-sft", "rag-sequence")
 
 
 @dataclass(frozen=True)
 class RagParams:
+    # cpt-sft: the CPT encoder retrieves, the SFT model answers; rag-sequence: transformers'
+    # RagSequenceForGeneration (`model`) over an index of the entries embedded by `ctx_encoder`
+    backend: str = "cpt-sft"
+    model: str = "facebook/rag-sequence-nq"  # rag-sequence: RAG model (local dir or hub id)
+    ctx_encoder: str = "facebook/dpr-ctx_encoder-multiset-base"  # rag-sequence: DPR ctx encoder
     eval_fraction: float = 0.2  # share of questions held out, drawn with `seed`
     chunk_words: int = 100  # words per knowledge-base chunk of a pretrain passage
     chunk_overlap: int = 20  # words shared by neighbouring chunks of one passage
@@ -146,18 +152,27 @@ class RagParams:
     max_length: int = 256  # encoder tokens per question or entry; longer ones are truncated
     retriever: str = "dense"  # what the final system retrieves with: dense|bm25|hybrid
     index: str = "flat"  # FAISS index: flat (exact) | hnsw | ivf (approximate, large corpora)
-    retriever_epochs: float = 3.0  # contrastive fine-tuning passes over the train questions
+    # Fine-tuning on the train questions: contrastive (cpt-sft: the other golds of a batch are
+    # the negatives) or the RAG-sequence marginal likelihood (question encoder and generator)
+    retriever_epochs: float = 3.0
     retriever_lr: float = 1e-4
-    retriever_batch_size: int = 32  # questions per step; the other golds are the negatives
-    top_k: int = 3  # passages put into the generator's prompt
+    retriever_batch_size: int = 32  # questions per step
+    top_k: int = 3  # passages given to the generator (rag-sequence: documents marginalized)
     max_new_tokens: int = 32  # greedy answer length
     batch_size: int = 16  # embedding and closed-book generation batch
 
     def __post_init__(self) -> None:
+        if self.backend not in RAG_BACKENDS:
+            raise ParamsError(f"backend must be {'|'.join(RAG_BACKENDS)}, got {self.backend!r}")
         if not 0.0 < self.eval_fraction < 1.0:  # retrieval and answers are scored on held-out
             raise ParamsError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.retriever not in RETRIEVERS:
             raise ParamsError(f"retriever must be {'|'.join(RETRIEVERS)}, got {self.retriever!r}")
+        if self.backend == "rag-sequence" and self.retriever != "dense":
+            # RAG-sequence marginalizes over the question encoder's scores of what it retrieved.
+            raise ParamsError(
+                f"retriever must be dense with backend rag-sequence, got {self.retriever!r}"
+            )
         if self.index not in INDEX_TYPES:
             raise ParamsError(f"index must be {'|'.join(INDEX_TYPES)}, got {self.index!r}")
         if not 0 <= self.chunk_overlap < self.chunk_words:
@@ -166,10 +181,11 @@ class RagParams:
             )
         if self.retriever_epochs <= 0 or self.retriever_lr <= 0:
             raise ParamsError("retriever_epochs and retriever_lr must be > 0")
-        if self.retriever_batch_size < 2:
+        least = 2 if self.backend == "cpt-sft" else 1  # cpt-sft needs in-batch negatives
+        if self.retriever_batch_size < least:
             raise ParamsError(
-                f"retriever_batch_size must be >= 2 (in-batch negatives), got"
-                f" {self.retriever_batch_size}"
+                f"retriever_batch_size must be >= {least} with backend {self.backend},"
+                f" got {self.retriever_batch_size}"
             )
         for key in ("max_length", "top_k", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:

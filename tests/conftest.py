@@ -8,24 +8,36 @@ import os
 # Set before huggingface_hub is imported: it reads the variable once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForMaskedLM,
+    DPRConfig,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenizer,
 )
 
-from stages import training
+from stages import rag, training
+from stages.data import write_jsonl
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
@@ -167,3 +179,136 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def bart_tokenizer() -> PreTrainedTokenizerFast:
+    """A BART-like word-level tokenizer: <s> text </s>, with BART's special token ids."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.WordLevel(word_vocab(specials), unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def dpr_config(tokenizer: PreTrainedTokenizerFast) -> DPRConfig:
+    return DPRConfig(
+        vocab_size=vocab_size(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_rag_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RAG-sequence model like facebook/rag-sequence-nq (DPR question encoder, BART generator),
+    2 layers and hidden 32 each, saved with its two tokenizers."""
+    path = tmp_path_factory.mktemp("tiny-rag")
+    questions, answers = wordpiece_tokenizer(), bart_tokenizer()
+    generator = BartConfig(
+        vocab_size=vocab_size(answers),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    config = RagConfig.from_question_encoder_generator_configs(
+        dpr_config(questions), generator, retrieval_vector_size=32, max_combined_length=64
+    )
+    torch.manual_seed(0)
+    model = RagSequenceForGeneration(
+        config,
+        question_encoder=DPRQuestionEncoder(config.question_encoder),
+        generator=BartForConditionalGeneration(config.generator),
+    )
+    model.save_pretrained(path)
+    RagTokenizer(question_encoder=questions, generator=answers).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dpr_ctx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DPR context encoder sharing the tiny RAG question encoder's vocabulary."""
+    path = tmp_path_factory.mktemp("tiny-dpr-ctx")
+    tokenizer = wordpiece_tokenizer()
+    torch.manual_seed(1)
+    DPRContextEncoder(dpr_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Small enough for seconds of training: 9 passages of 9 words in 2 chunks each, 6 answers.
+TINY_RAG_PARAMS = {
+    "chunk_words": 6,
+    "chunk_overlap": 2,
+    "max_length": 32,
+    "retriever_epochs": 2,
+    "retriever_lr": 1e-3,
+    "top_k": 2,
+    "max_new_tokens": 4,
+}
+
+
+def build_rag(root: Path, params: dict, cpt: Path, sft: Path) -> int:
+    """Run `stages.rag build` in `root` on tiny data: 9 passages, 4 train and 2 held-out
+    questions; `params` is written to root/params.yaml."""
+    words = CORPUS[0].split()
+    pretrain = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
+    records = [
+        {"question": f"what does the {w} do?", "answer": f"the {w} answers the question"}
+        for w in ["model", "retriever", "generator", "assistant", "passages", "context"]
+    ]
+    write_jsonl(root / "data/train.jsonl", records[:4])
+    write_jsonl(root / "data/eval.jsonl", records[4:])
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return rag.main(
+        [
+            "build",
+            f"--cpt={cpt}",
+            f"--sft={sft}",
+            f"--data={root / 'data'}",
+            f"--pretrain={root / 'pretrain.txt'}",
+            f"--output={root / 'output/rag'}",
+            f"--metrics={root / 'metrics/rag.json'}",
+            f"--plots={root / 'metrics/rag'}",
+            f"--predictions={root / 'metrics/rag_predictions.jsonl'}",
+            f"--params={root / 'params.yaml'}",
+            f"--timings={root / 'output/timings/rag.json'}",
+        ]
+    )
+
+
+def hub_cache_entry(cache: Path, repo_id: str, model_dir: Path, pickled: bool = False) -> Path:
+    """Lay out `model_dir` as the Hugging Face cache entry of `repo_id`, as `hf download` would
+    leave it; `pickled` turns its weights into a pytorch_model.bin only, like a hub model that
+    was never converted to safetensors. Returns the snapshot directory."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    if pickled:
+        weights = snapshot / "model.safetensors"
+        torch.save(load_file(weights), snapshot / "pytorch_model.bin")
+        weights.unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot

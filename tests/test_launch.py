@@ -29,11 +29,11 @@ def test_one_process_trains_in_place_and_more_relaunch_under_torchrun() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "rag"])
+@pytest.mark.parametrize("kind", ["sft", "rag", "rag-sequence"])
 def test_ddp_keeps_the_two_processes_weights_identical(
-    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path, tiny_rag_dir: Path, tmp_path: Path
 ) -> None:
-    model = tiny_llama_dir if kind == "sft" else tiny_bert_dir
+    model = {"sft": tiny_llama_dir, "rag": tiny_bert_dir, "rag-sequence": tiny_rag_dir}[kind]
     worker = Path(__file__).with_name("ddp_worker.py")
     command = launch.torchrun_command(
         LaunchParams(nproc_per_node=2, master_port=free_port()), "", []

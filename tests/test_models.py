@@ -8,6 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, 
 
 from stages import sft_base
 from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
+from tests.conftest import hub_cache_entry
 
 
 def test_local_directory_loads_with_auto_classes(tiny_bert_dir: Path) -> None:
@@ -42,17 +43,23 @@ def test_uncached_hub_id_fails_fast_naming_the_model_and_the_fix(
 
 
 def test_cached_hub_id_resolves_without_network(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_gpt2_dir: Path
 ) -> None:
-    # Lay out a hub cache entry by hand, as `hf download` would leave it.
-    repo = tmp_path / "models--tiny--gpt"
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text('{"model_type": "gpt2"}')
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = hub_cache_entry(tmp_path, "tiny/gpt", tiny_gpt2_dir)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert resolve_model("tiny/gpt").path == snapshot
+
+
+def test_a_model_with_pickled_weights_only_loads_them_as_tensors(
+    tmp_path: Path, tiny_gpt2_dir: Path
+) -> None:
+    snapshot = hub_cache_entry(tmp_path, "tiny/gpt", tiny_gpt2_dir, pickled=True)
+    source = resolve_model(str(snapshot))
+    assert source.load_kwargs() == {}  # safetensors are not demanded of it
+    loaded = load_model(AutoModelForCausalLM, source).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).state_dict()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
+    assert resolve_model(str(tiny_gpt2_dir)).load_kwargs() == {"use_safetensors": True}
 
 
 def test_offline_mode_is_named_when_the_model_is_not_cached(

@@ -192,6 +192,31 @@ def test_exp_run_reruns_only_the_stages_a_param_reaches(
         restore(repo)
 
 
+def test_rag_sequence_backend_is_an_experiment_of_the_rag_stage_only(
+    repo: Path, tiny_rag_dir: Path, tiny_dpr_ctx_dir: Path
+) -> None:
+    baseline(repo)
+    settings = [
+        "rag.backend=rag-sequence",
+        f"rag.model={tiny_rag_dir}",
+        f"rag.ctx_encoder={tiny_dpr_ctx_dir}",
+    ]
+    try:
+        proc = sh(repo, "dvc", "exp", "run", *(a for s in settings for a in ("-S", s)))
+        assert ran(proc) == {"rag", "report"}
+        assert json.loads((repo / "output/rag/config.json").read_text())["backend"] == (
+            "rag-sequence"
+        )
+        rag = json.loads((repo / "metrics/rag.json").read_text())
+        assert set(rag["retrieval"]) == {"base", "finetuned", "bm25", "hybrid"}
+        diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)["metrics/rag.json"]
+        assert diff["retrieval.cpt.mrr"]["new"] is None  # no CPT retriever in this backend
+        assert "retrieval.base.mrr" in diff  # DPR's question encoder, not the CPT base encoder
+        assert "| rag " in (repo / "metrics/summary.md").read_text()
+    finally:
+        restore(repo)
+
+
 def test_diffs_and_exp_show_name_what_an_experiment_changed(repo: Path) -> None:
     baseline(repo)
     try:
