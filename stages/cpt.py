@@ -24,7 +24,7 @@ from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokeni
 
 from stages.data import eval_mask, file_digest
 from stages.launch import exit_process, is_main_process, relaunch
-from stages.models import load_model, load_tokenizer, resolve_model
+from stages.models import ModelSource, check_positions, load_tokenizer, resolve_model
 from stages.params import CptParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
@@ -218,13 +218,22 @@ def fixed_eval_batches(
 # --- training ----------------------------------------------------------------------------------
 
 
-def param_groups(model: PreTrainedModel, cfg: CptParams) -> list[dict[str, Any]]:
-    """AdamW groups: the MLM head's own layers (new for a sentence encoder) learn at `head_lr`,
-    the encoder at `lr`; biases and norms take no weight decay. The vocabulary projection is
-    tied to the word embeddings and so belongs to the encoder."""
+def load_mlm(source: ModelSource) -> tuple[PreTrainedModel, set[str]]:
+    """The masked-LM model of `source`, and the names of the parameters its checkpoint lacked
+    (a sentence encoder such as the bundled MiniLM has no MLM head: those start from scratch)."""
+    model, info = AutoModelForMaskedLM.from_pretrained(
+        source.path, trust_remote_code=False, output_loading_info=True, **source.load_kwargs()
+    )
+    return model, set(info["missing_keys"])
+
+
+def param_groups(model: PreTrainedModel, cfg: CptParams, fresh: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups: the `fresh` parameters (an MLM head the checkpoint lacked) learn at `head_lr`,
+    the pretrained ones at `lr`, so a pretrained head (bert-base-uncased) is fine-tuned gently;
+    biases and norms take no weight decay."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied weights appear once, under the encoder
-        is_head = name.startswith("cls.")
+        is_head = name in fresh
         decays = param.ndim > 1 and "LayerNorm" not in name
         groups.setdefault((is_head, decays), []).append(param)
     return [
@@ -269,7 +278,9 @@ def run(
     mode = precision(fp16, device)
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
-    model = load_model(AutoModelForMaskedLM, source).to(device)
+    model, fresh = load_mlm(source)
+    model.to(device)
+    check_positions(model, cfg.max_length, "cpt.max_length")
 
     train, heldout = split_blocks(
         data.read_text(encoding="utf-8").splitlines(), tokenizer, cfg, seed
@@ -296,7 +307,7 @@ def run(
         args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids), backend),
         train_dataset=MaskedBlocks(train, masking, seed),
         eval_dataset=eval_batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
-        optimizers=(torch.optim.AdamW(param_groups(model, cfg)), None),
+        optimizers=(torch.optim.AdamW(param_groups(model, cfg, fresh)), None),
         loss_fn=mlm_loss,
         eval_fn=lambda m: evaluate(m, eval_batches),
         sampler=EpochKeys(len(train.input_ids), seed),

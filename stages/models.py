@@ -147,6 +147,14 @@ def load_model(auto_class: type[M], source: ModelSource, **kwargs: Any) -> M:
     return model
 
 
+def check_positions(model: PreTrainedModel, max_length: int, key: str) -> None:
+    """Fail before training when `key` asks for longer sequences than the model has positions
+    (BERT: 512, GPT-2: 1,024): the position embeddings would be indexed out of range."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise SetupError(f"{key} {max_length} exceeds the model's {positions} positions")
+
+
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, **kwargs)

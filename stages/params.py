@@ -95,7 +95,7 @@ class CptParams(TrainingParams):
     mlm_probability: float = 0.15  # share of tokens (or words) selected for prediction
     whole_word_masking: bool = False  # select whole words instead of single word pieces
     eval_fraction: float = 0.1  # share of blocks held out, drawn with `seed`
-    head_lr: float = 1e-2  # learning rate of the MLM head's own layers; 0 = same as lr
+    head_lr: float = 1e-2  # learning rate of head layers the checkpoint lacks; 0 = same as lr
     epochs: float = 3.0
 
     def __post_init__(self) -> None:

@@ -460,7 +460,7 @@ def run(params: Params, args: argparse.Namespace) -> StageResult | None:
         eval_records,
         cfg,
         found.ranks,
-        found.trainer,
+        found.trainer.state.log_history,
         found.index.d,
         args.plots,
         args.predictions,

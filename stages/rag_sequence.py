@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import shutil
 import tempfile
@@ -96,12 +97,10 @@ def load_rag(ref: str, n_docs: int) -> tuple[RagSequenceForGeneration, RagTokeni
             " RagTokenizer.save_pretrained"
         )
     model = load_model(RagSequenceForGeneration, source)
-    # The hub models name the wiki_dpr index; ours is the project's knowledge base.
-    model.config.index_name, model.config.passages_path, model.config.index_path = (
-        "custom",
-        None,
-        None,
-    )
+    # The hub models name the wiki_dpr index; ours is the project's knowledge base, whose paths
+    # are given when a retriever is made (`kb_retriever`), never saved with the model.
+    model.config.index_name = "custom"
+    model.config.passages_path = model.config.index_path = None
     model.config.n_docs = n_docs
     return model, RagTokenizer.from_pretrained(source.path)
 
@@ -394,14 +393,17 @@ def run(
     tokenizer.save_pretrained(args.output / "model")
     config = SequenceConfig(cfg.top_k, cfg.max_length, cfg.max_new_tokens, cfg.index)
     write_text_atomic(args.output / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-    system = RagSequenceSystem.load(args.output, params.device)  # what `ask` will load
-    metrics, latency = score_system(
-        system, kb, eval_records, cfg, ranks, trainer, index.d, args.plots, args.predictions
-    )
     speed = {
         "steps": trainer.state.global_step,
         "runtime_s": round(trainer.step_seconds, 2),
         "s_per_step": round(trainer.step_seconds / max(trainer.state.global_step, 1), 3),
     }
+    history = trainer.state.log_history
+    del model, trainer  # with its optimizer state: rag-sequence-nq's would double peak memory
+    gc.collect()
+    system = RagSequenceSystem.load(args.output, params.device)  # what `ask` will load
+    metrics, latency = score_system(
+        system, kb, eval_records, cfg, ranks, history, index.d, args.plots, args.predictions
+    )
     latency = {"embed_passages_per_s": round(embed_per_s, 1), **latency}
     return StageResult(metrics, {"train": speed, "latency": latency})

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from stages.data import write_jsonl, write_text_atomic
 from stages.params import RagParams, TrainingParams
 from stages.sft import normalize_answer, rouge_l, token_f1
-from stages.training import StageTrainer, write_curves
+from stages.training import write_curves
 
 RRF_K = 60  # the constant of Cormack et al. (2009): ranks beyond a few dozen barely count
 CANDIDATES = 50  # per retriever, fused by the hybrid when answering
@@ -366,16 +366,17 @@ def score_system(
     eval_records: list[dict[str, str]],
     cfg: RagParams,
     ranks: dict[str, np.ndarray],
-    trainer: StageTrainer,
+    log_history: list[dict[str, Any]],
     dim: int,
     plots: Path,
     predictions: Path,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics of `metrics/rag.json` and the answer latency, whichever backend built
-    `system`; writes the loss and recall curves and the per-question predictions."""
-    write_curves(trainer.state.log_history, plots)
+    `system`; writes the fine-tuning's loss curves (from its Trainer's `log_history`), the recall
+    curves and the per-question predictions."""
+    write_curves(log_history, plots)
     write_recall_curves(plots / "recall.csv", ranks)
-    eval_loss = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    eval_loss = [e["eval_loss"] for e in log_history if "eval_loss" in e]
     answers, latency, records = evaluate_answers(system, kb, eval_records, cfg)
     write_jsonl(predictions, records)
     metrics = {

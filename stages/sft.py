@@ -32,6 +32,7 @@ from transformers import (
 
 from stages.data import file_digest, read_jsonl, write_text_atomic
 from stages.launch import exit_process, is_main_process, relaunch
+from stages.models import check_positions
 from stages.params import SftParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
@@ -364,6 +365,7 @@ def run(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.base, use_safetensors=True).to(device)
+    check_positions(model, cfg.max_length, "sft.max_length")
 
     train_records = read_jsonl(args.data / "train.jsonl")
     eval_records = read_jsonl(args.data / "eval.jsonl")

@@ -125,19 +125,22 @@ def vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
     return max(tokenizer.get_vocab().values()) + 1
 
 
+# BERT-family encoders of the tests (BERT, the DPR encoders): 2 layers, hidden 32.
+TINY_ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BertForMaskedLM saved as a Hugging Face directory."""
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = wordpiece_tokenizer()
-    config = BertConfig(
-        vocab_size=vocab_size(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    config = BertConfig(vocab_size=vocab_size(tokenizer), **TINY_ENCODER)
     torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -200,14 +203,7 @@ def bart_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def dpr_config(tokenizer: PreTrainedTokenizerFast) -> DPRConfig:
-    return DPRConfig(
-        vocab_size=vocab_size(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    return DPRConfig(vocab_size=vocab_size(tokenizer), **TINY_ENCODER)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from transformers import (
 )
 
 from stages import cpt
+from stages.models import resolve_model
+from stages.params import CptParams
 from tests.conftest import CORPUS, crash_at_step, wordpiece_tokenizer
 
 MASK_ID, VOCAB = 4, 1000
@@ -217,3 +219,33 @@ def test_fp16_on_a_cpu_is_refused_with_a_clear_message(
     assert run_stage(tmp_path) == 1
     assert "fp16: true needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_head_lr_applies_only_to_layers_the_checkpoint_lacked(
+    tmp_path: Path, tiny_bert_dir: Path
+) -> None:
+    cfg = CptParams(lr=1e-4, head_lr=1e-2)
+    # A full masked-LM checkpoint (bert-base-uncased): its pretrained head is fine-tuned at lr.
+    model, fresh = cpt.load_mlm(resolve_model(str(tiny_bert_dir)))
+    assert fresh == set()
+    assert {g["lr"] for g in cpt.param_groups(model, cfg, fresh)} == {1e-4}
+    # An encoder without a head (the bundled MiniLM): the new head learns at head_lr.
+    AutoModel.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path)
+    model, fresh = cpt.load_mlm(resolve_model(str(tmp_path)))
+    assert fresh and all(name.startswith("cls.") for name in fresh)
+    fast = {
+        id(p) for g in cpt.param_groups(model, cfg, fresh) if g["lr"] == 1e-2 for p in g["params"]
+    }
+    assert fast == {id(p) for name, p in model.named_parameters() if name in fresh}
+
+
+def test_blocks_longer_than_the_models_positions_are_refused(
+    tmp_path: Path,
+    tiny_bert_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(write_project(tmp_path, tiny_bert_dir, max_length=128)) == 1
+    assert "cpt.max_length 128 exceeds the model's 64 positions" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
