@@ -25,7 +25,7 @@ from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokeni
 from stages.data import eval_mask, file_digest
 from stages.launch import exit_process, is_main_process, relaunch
 from stages.models import ModelSource, check_positions, load_tokenizer, resolve_model
-from stages.params import CptParams, load_stage_params
+from stages.params import CptParams, LaunchParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
     EpochSampler,
@@ -269,7 +269,7 @@ def run(
     data: Path,
     output: Path,
     plots: Path,
-    backend: str = "auto",
+    launch: LaunchParams = LaunchParams(),
 ) -> StageResult | None:
     """Train, save `output`, write curves to `plots`; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which train but write nothing)."""
@@ -301,18 +301,20 @@ def run(
         base = evaluate(model, eval_batches)
         print(describe("cpt", "base", base))
 
-    checkpoints = checkpoint_dir("cpt", asdict(cfg), seed, device_name, fp16, file_digest(data))
+    checkpoints = checkpoint_dir(
+        "cpt", asdict(cfg), seed, device_name, fp16, file_digest(data), launch.strategy
+    )
     trainer = StageTrainer(
         model=model,
-        args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids), backend),
+        args=training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids), launch),
         train_dataset=MaskedBlocks(train, masking, seed),
         eval_dataset=eval_batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
-        optimizers=(torch.optim.AdamW(param_groups(model, cfg, fresh)), None),
+        param_groups=lambda m: param_groups(m, cfg, fresh),
         loss_fn=mlm_loss,
         eval_fn=lambda m: evaluate(m, eval_batches),
         sampler=EpochKeys(len(train.input_ids), seed),
     )
-    train_resumable(trainer, "cpt")
+    model = train_resumable(trainer, "cpt")
     if not is_main_process():
         return None
 
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_stage_params(args.params, "cpt")
-    if (status := relaunch(params.launch, "stages.cpt", argv)) is not None:
+    if (status := relaunch(params.launch, params.device, "stages.cpt", argv)) is not None:
         return status
     return run_and_record(
         "cpt",
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data,
             args.output,
             args.plots,
-            params.launch.backend,
+            params.launch,
         ),
         args.metrics,
         args.timings,

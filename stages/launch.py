@@ -3,7 +3,8 @@
 The stage command in dvc.yaml stays `python -m stages.<stage> ...`: with
 `launch.nproc_per_node * launch.nnodes > 1` that process starts `torchrun` on the same module
 and arguments and waits for it. Under torchrun the Hugging Face Trainer runs DDP (gloo on a CPU,
-NCCL on GPUs unless `launch.backend` says otherwise); only rank 0 writes outputs and metrics.
+NCCL on GPUs unless `launch.backend` says otherwise), or FSDP2 with `launch.strategy: fsdp`;
+only rank 0 writes outputs and metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import torch
 import torch.distributed as dist
 
 from stages.params import LaunchParams
@@ -44,9 +46,23 @@ def torchrun_command(cfg: LaunchParams, module: str, argv: Sequence[str]) -> lis
     ]
 
 
-def relaunch(cfg: LaunchParams, module: str, argv: Sequence[str] | None) -> int | None:
+def check_strategy(cfg: LaunchParams, device: str, stage: str) -> None:
+    """Stop before any process starts when FSDP cannot shard: accelerate runs processes that are
+    not on CUDA GPUs as DDP, so FSDP on a CPU would silently keep a full copy per process."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cfg.strategy == "fsdp" and not cuda:
+        raise SystemExit(
+            f"{stage}: launch.strategy fsdp needs CUDA GPUs, and device {device!r} gives none here"
+            " (accelerate would run plain DDP instead): set launch.strategy to ddp"
+        )
+
+
+def relaunch(cfg: LaunchParams, device: str, module: str, argv: Sequence[str] | None) -> int | None:
     """Exit status of the stage run under torchrun, or None when this process should train."""
-    if cfg.nproc_per_node * cfg.nnodes == 1 or under_launcher():
+    if cfg.nproc_per_node * cfg.nnodes == 1 and not under_launcher():
+        return None
+    check_strategy(cfg, device, module.rsplit(".", 1)[-1])
+    if under_launcher():
         return None
     command = torchrun_command(cfg, module, sys.argv[1:] if argv is None else argv)
     print("launch: " + " ".join(command[1:]), flush=True)

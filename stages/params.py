@@ -193,6 +193,7 @@ class RagParams:
 
 
 BACKENDS = ("auto", "gloo", "nccl")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ class LaunchParams:
     master_addr: str = "127.0.0.1"  # rank 0's machine
     master_port: int = 29500
     backend: str = "auto"  # auto = NCCL on GPUs, gloo on CPUs
+    strategy: str = "ddp"  # ddp: a full copy per process | fsdp: parameters, gradients and
+    # optimizer state sharded across the processes (FSDP2), for models that do not fit one GPU
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
@@ -211,6 +214,8 @@ class LaunchParams:
             raise ParamsError(f"node_rank must be in [0, nnodes), got {self.node_rank}")
         if self.backend not in BACKENDS:
             raise ParamsError(f"backend must be {'|'.join(BACKENDS)}, got {self.backend!r}")
+        if self.strategy not in STRATEGIES:
+            raise ParamsError(f"strategy must be {'|'.join(STRATEGIES)}, got {self.strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,16 @@ class Params:
             raise ParamsError(f"device must be auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
         if self.fp16 not in FP16_CHOICES:
             raise ParamsError(f"fp16 must be one of {'|'.join(FP16_CHOICES)}, got {self.fp16!r}")
+        if self.launch.strategy == "fsdp" and self.sft.lora_r:
+            # LoRA's merge on save needs the whole base model in one process, the one thing
+            # FSDP is chosen to avoid; LoRA's trainable state is small enough for DDP.
+            raise ParamsError("launch.strategy fsdp does not combine with sft.lora_r > 0: use ddp")
+        if self.launch.strategy == "fsdp" and self.rag.backend == "rag-sequence":
+            # accelerate's FSDP2 asks the model for its input embeddings, which transformers'
+            # RAG models do not expose.
+            raise ParamsError(
+                "launch.strategy fsdp does not combine with rag.backend rag-sequence: use ddp"
+            )
 
 
 def _check_fraction(key: str, value: float) -> None:

@@ -49,7 +49,7 @@ from stages import rag_sequence
 from stages.data import file_digest, read_jsonl, write_jsonl, write_text_atomic
 from stages.launch import exit_process, is_main_process, relaunch
 from stages.models import load_model, load_tokenizer, resolve_model
-from stages.params import Params, RagParams, load_stage_params
+from stages.params import LaunchParams, Params, RagParams, load_stage_params
 from stages.retrieval import (
     CANDIDATES,
     Answer,
@@ -152,9 +152,10 @@ def finetune_retriever(
     device: torch.device,
     mode: str | None,
     checkpoints: Path,
-    backend: str = "auto",
-) -> StageTrainer:
-    """Contrastive fine-tuning of `encoder` in place; returns the trainer for its history."""
+    launch: LaunchParams = LaunchParams(),
+) -> tuple[PreTrainedModel, StageTrainer]:
+    """Contrastive fine-tuning of `encoder`; returns the trained encoder (whole on rank 0) and
+    the trainer, for its history."""
     train_cfg = retriever_training(cfg)
     batches = [
         collator(held_out[i : i + train_cfg.batch_size])
@@ -162,7 +163,7 @@ def finetune_retriever(
     ]
     trainer = StageTrainer(
         model=encoder,
-        args=training_args(train_cfg, seed, device, mode, checkpoints, len(train), backend),
+        args=training_args(train_cfg, seed, device, mode, checkpoints, len(train), launch),
         train_dataset=train,
         eval_dataset=batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
         data_collator=collator,
@@ -170,8 +171,7 @@ def finetune_retriever(
         eval_fn=lambda m: {"eval_loss": score(contrastive_loss, m, batches)[0]},
         sampler=EpochSampler(len(train), seed),
     )
-    train_resumable(trainer, "rag")
-    return trainer
+    return train_resumable(trainer, "rag"), trainer
 
 
 # --- the answering system ----------------------------------------------------------------------
@@ -397,7 +397,7 @@ def evaluate_retrievers(
         ranks["cpt"] = gold_ranks(ranked, gold)
 
     inputs = [args.data / "train.jsonl", args.pretrain, *sorted(args.cpt.glob("*.safetensors"))]
-    trainer = finetune_retriever(
+    encoder, trainer = finetune_retriever(
         encoder,
         PairCollator(tokenizer, entries, cfg.max_length),
         list(zip([r["question"] for r in train_records], kb.gold(train_records), strict=True)),
@@ -407,9 +407,15 @@ def evaluate_retrievers(
         device,
         mode,
         checkpoint_dir(
-            "rag", asdict(cfg), params.seed, params.device, params.fp16, *map(file_digest, inputs)
+            "rag",
+            asdict(cfg),
+            params.seed,
+            params.device,
+            params.fp16,
+            params.launch.strategy,
+            *map(file_digest, inputs),
         ),
-        params.launch.backend,
+        params.launch,
     )
     if not is_main_process():
         return None
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     add_timings_option(parser, "rag")
     args = parser.parse_args(argv)
     params = load_stage_params(args.params, "rag")
-    if (status := relaunch(params.launch, "stages.rag", argv)) is not None:
+    if (status := relaunch(params.launch, params.device, "stages.rag", argv)) is not None:
         return status
     return run_and_record("rag", lambda: run(params, args), args.metrics, args.timings)
 

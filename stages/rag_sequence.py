@@ -228,7 +228,7 @@ def make_trainer(
     return StageTrainer(
         model=model,
         args=training_args(
-            train_cfg, params.seed, device, mode, checkpoints, len(train), params.launch.backend
+            train_cfg, params.seed, device, mode, checkpoints, len(train), params.launch
         ),
         train_dataset=train,
         eval_dataset=batches,  # the Trainer wants one; StageTrainer scores it with eval_fn
@@ -376,10 +376,16 @@ def run(
         device,
         mode,
         checkpoint_dir(
-            BACKEND, asdict(cfg), params.seed, params.device, params.fp16, *map(file_digest, inputs)
+            BACKEND,
+            asdict(cfg),
+            params.seed,
+            params.device,
+            params.fp16,
+            params.launch.strategy,
+            *map(file_digest, inputs),
         ),
     )
-    train_resumable(trainer, "rag")
+    model = train_resumable(trainer, "rag")
     if not is_main_process():
         shutil.rmtree(kb_dir)
         return None

@@ -33,7 +33,7 @@ from transformers import (
 from stages.data import file_digest, read_jsonl, write_text_atomic
 from stages.launch import exit_process, is_main_process, relaunch
 from stages.models import check_positions
-from stages.params import SftParams, load_stage_params
+from stages.params import LaunchParams, SftParams, load_stage_params
 from stages.runtime import precision, resolve_device
 from stages.training import (
     EpochSampler,
@@ -352,7 +352,7 @@ def run(
     device_name: str,
     fp16: str,
     args: argparse.Namespace,
-    backend: str = "auto",
+    launch: LaunchParams = LaunchParams(),
 ) -> StageResult | None:
     """Fine-tune, save the model and the samples; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which train but write nothing)."""
@@ -383,12 +383,13 @@ def run(
 
     if cfg.lora_r:
         model = with_lora(model, cfg)
+    data_digest = file_digest(args.data / "train.jsonl")
     checkpoints = checkpoint_dir(
-        "sft", asdict(cfg), seed, device_name, fp16, file_digest(args.data / "train.jsonl")
+        "sft", asdict(cfg), seed, device_name, fp16, data_digest, launch.strategy
     )
-    args_ = training_args(cfg, seed, device, mode, checkpoints, len(train), backend)
+    args_ = training_args(cfg, seed, device, mode, checkpoints, len(train), launch)
     trainer = make_trainer(model, args_, train, batches, tokenizer.pad_token_id)
-    train_resumable(trainer, "sft")
+    model = train_resumable(trainer, "sft")
     if not main_process:
         return None
     share = trainer.predicted_seen / max(trainer.tokens_seen, 1)
@@ -424,13 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     params = load_stage_params(args.params, "sft")
-    if (status := relaunch(params.launch, "stages.sft", argv)) is not None:
+    if (status := relaunch(params.launch, params.device, "stages.sft", argv)) is not None:
         return status
     return run_and_record(
         "sft",
-        lambda: run(
-            params.sft, params.seed, params.device, params.fp16, args, params.launch.backend
-        ),
+        lambda: run(params.sft, params.seed, params.device, params.fp16, args, params.launch),
         args.metrics,
         args.timings,
     )

@@ -19,16 +19,22 @@ from typing import Any
 
 import torch
 from dvclive import Live
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stages.data import write_text_atomic
 from stages.launch import end_distributed
-from stages.params import TrainingParams
+from stages.params import LaunchParams, TrainingParams
 from stages.runtime import SetupError, fingerprint, matmul_flops
 
 CHECKPOINTS = Path("checkpoints")  # outside DVC's outs: survives a crash, removed on success
+FSDP_CONFIG = {
+    "version": 2,
+    "auto_wrap_policy": "NO_WRAP",  # StageTrainer shards the model itself (see `shard`)
+    "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints: one file per process, none whole
+}
 
 
 @dataclass
@@ -39,6 +45,7 @@ class LossParts:
 
 
 LossFn = Callable[[PreTrainedModel, dict[str, torch.Tensor]], LossParts]
+ParamGroups = Callable[[torch.nn.Module], list[dict[str, Any]]]
 
 
 @torch.no_grad()
@@ -95,10 +102,14 @@ class StageTrainer(Trainer):
         loss_fn: LossFn,
         eval_fn: Callable[[PreTrainedModel], dict[str, float]],
         sampler: EpochSampler,
+        param_groups: ParamGroups | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn, self.eval_fn, self.sampler = loss_fn, eval_fn, sampler
+        self.param_groups = param_groups
+        if self.is_fsdp_enabled:
+            shard(self.model, self.accelerator.state.fsdp_plugin.mixed_precision_policy)
         self.tokens_seen = 0  # real (non-padding) tokens of the batches trained on
         self.predicted_seen = 0  # of which tokens the loss predicted
         self.step_seconds = 0.0
@@ -106,6 +117,16 @@ class StageTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):  # type: ignore[override]
         return self.sampler
+
+    def create_optimizer(self, model=None):  # type: ignore[override]
+        """AdamW over the stage's own parameter groups, when it has some. Built here rather than
+        passed in, because under FSDP the Trainer creates the optimizer only once the
+        parameters are sharded."""
+        if self.param_groups is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.param_groups(self.model))
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         parts = self.stage_loss(model, inputs)
@@ -125,15 +146,20 @@ class StageTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def stage_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> LossParts:
-        """`loss_fn` on the model, through the DDP wrapper's forward when there is one.
+        """`loss_fn` on the model, through the DDP or FSDP model's forward when there is one.
 
         The loss functions call parts of the model (the encoder, then the vocabulary projection
         on selected positions only). DDP synchronizes gradients only for work done inside its
-        forward, so the inner model's forward is pointed at the loss function for this call.
+        forward, and FSDP gathers the top-level parameters (embeddings, heads) and schedules
+        their gradients' reduction from hooks on the model's call, so the inner model's forward
+        is pointed at the loss function for this call.
         """
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            inner = model.module
+        elif isinstance(model, FSDPModule):
+            inner = model
+        else:
             return self.loss_fn(model, inputs)
-        inner = model.module
 
         def forward(**batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
             del inner.forward  # the loss function may call the model itself: the real forward
@@ -150,13 +176,40 @@ class StageTrainer(Trainer):
             del inner.forward  # back to the class's forward
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[override]
-        scores = self.eval_fn(self.model)
+        sharded = isinstance(self.model, FSDPModule)
+        if sharded:  # the layers gather their own parameters; the top level's are gathered here
+            self.model.unshard()
+        try:
+            scores = self.eval_fn(self.model)
+        finally:
+            if sharded:
+                self.model.reshard()
         metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
         )
         return metrics
+
+
+def shard(model: torch.nn.Module, precision: MixedPrecisionPolicy | None) -> None:
+    """FSDP2 in place: one unit per transformer block (the modules of the model's layer lists),
+    and the root's unit for the rest: embeddings, heads and every weight tied between them.
+
+    Done here because accelerate, which the Trainer would let shard the model, gives the input
+    and output embeddings a unit of their own, and so fails on a parameter the output embedding
+    shares with another module (the bias of BERT's MLM head). accelerate leaves a model that is
+    already sharded as it is."""
+    options = {"mp_policy": precision or MixedPrecisionPolicy(), "reshard_after_forward": True}
+    if precision is not None:  # FSDP2 keeps fp32 master weights and casts them for compute
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = [block for blocks in lists for block in blocks]
+    for block in reversed(blocks):  # FSDP2 shards nested modules before their parents
+        fully_shard(block, **options)
+    fully_shard(model, **options)
 
 
 def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
@@ -193,9 +246,10 @@ def training_args(
     mode: str | None,
     out: Path,
     n_train: int,
-    backend: str = "auto",
+    launch: LaunchParams = LaunchParams(),
 ) -> TrainingArguments:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = launch.strategy == "fsdp" and world > 1
     steps_per_epoch = math.ceil(n_train / (cfg.batch_size * cfg.grad_accum * world))
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     return TrainingArguments(
@@ -222,7 +276,9 @@ def training_args(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         activation_checkpointing=cfg.gradient_checkpointing,
-        ddp_backend=None if backend == "auto" else backend,
+        ddp_backend=None if launch.backend == "auto" else launch.backend,
+        fsdp=fsdp,
+        fsdp_config=FSDP_CONFIG if fsdp else None,
     )
 
 
@@ -238,18 +294,36 @@ def last_complete_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def train_resumable(trainer: StageTrainer, stage: str) -> None:
+def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
     """Train, resuming from the last complete checkpoint of this configuration; clean up on
-    success."""
+    success. Returns the trained model, whole on rank 0 (see `trained_model`)."""
     out = Path(trainer.args.output_dir)
     resume = last_complete_checkpoint(out)
     if resume:
         print(f"{stage}: resuming from {resume}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
+    model = trained_model(trainer)
     if trainer.is_local_process_zero():
         shutil.rmtree(out, ignore_errors=True)
     end_distributed()  # what follows (scoring, writing) is rank 0's alone
+    return model
+
+
+def trained_model(trainer: StageTrainer) -> torch.nn.Module:
+    """The trained model as one process can use it: the model itself, or under FSDP a plain copy
+    on rank 0 loaded with the gathered shards (every process must call this: it gathers)."""
+    if not trainer.is_fsdp_enabled:
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model)  # whole on rank 0, empty elsewhere
+    if not trainer.is_world_process_zero():
+        return trainer.model
+    sharded = trainer.model
+    plain = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
+    model = plain.from_pretrained(None, config=sharded.config, state_dict=state)
+    if sharded.can_generate():
+        model.generation_config = sharded.generation_config
+    return model.to(trainer.args.device)
 
 
 def throughput(

@@ -1,37 +1,94 @@
-"""Run by torchrun from test_launch.py: a few training steps of one stage's loss on 2 processes,
-then every rank checks that its weights equal rank 0's (DDP synchronized the gradients) and that
-they moved. `sft` trains a causal LM, `rag` the retriever (whose loss calls the model itself),
-`rag-sequence` a RAG model retrieving from its own copy of a small index on each rank."""
+"""Run by torchrun from test_launch.py: a few training steps of one stage's loss on 2 processes.
+
+`sft` trains a causal LM, `cpt` a masked LM with the stage's own parameter groups, `rag` the
+retriever (whose loss calls the model itself), `rag-sequence` a RAG model retrieving from its
+own copy of a small index on each rank. With strategy `ddp` every rank then checks that its
+weights equal rank 0's (DDP synchronized the gradients) and that they moved; with `fsdp` that
+each rank holds only its shard of every parameter. Rank 0 saves the trained weights, gathered
+whole, and the held-out losses logged during training, for the test to compare strategies.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate import state
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from stages import rag, rag_sequence, retrieval, sft
+from stages import cpt, rag, rag_sequence, retrieval, sft
 from stages.launch import exit_process
-from stages.params import Params, RagParams, SftParams
-from stages.training import EpochSampler, StageTrainer, training_args
+from stages.models import load_tokenizer, resolve_model
+from stages.params import CptParams, LaunchParams, Params, RagParams, SftParams
+from stages.training import EpochSampler, StageTrainer, trained_model, training_args
 
 CORPUS = ["the model learns to predict masked tokens", "a retriever finds passages"]
 
 
-def sft_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTrainer]:
+def shard_on_cpu() -> None:
+    """Let accelerate run FSDP on CPU processes, for this test only. FSDP2 itself shards over
+    gloo, but accelerate turns FSDP on for accelerator devices only and runs CPU processes as
+    DDP (which is why the stages refuse `launch.strategy: fsdp` without CUDA)."""
+    init = state.AcceleratorState.__init__
+
+    def with_fsdp(self: state.AcceleratorState, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = plugin
+            self.distributed_type = DistributedType.FSDP
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = with_fsdp
+
+
+def sft_trainer(
+    model_dir: str, out: Path, launch: LaunchParams
+) -> tuple[torch.nn.Module, StageTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     records = [{"prompt": f"what {i}", "response": CORPUS[i % 2]} for i in range(16)]
     train, _ = sft.encode_all(tokenizer, records, 32)
-    cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=100, save_steps=100)
-    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train))
-    return model, sft.make_trainer(model, args, train, [], tokenizer.pad_token_id)
+    batches = sft.eval_batches(train[:4], 2, tokenizer.pad_token_id)
+    cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=2, save_steps=100)
+    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
+    return model, sft.make_trainer(model, args, train, batches, tokenizer.pad_token_id)
 
 
-def rag_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTrainer]:
+def cpt_trainer(
+    model_dir: str, out: Path, launch: LaunchParams
+) -> tuple[torch.nn.Module, StageTrainer]:
+    source = resolve_model(model_dir)
+    tokenizer = load_tokenizer(source)
+    model, fresh = cpt.load_mlm(source)
+    cfg = CptParams(max_length=16, batch_size=2, lr=1e-3, max_steps=4, eval_steps=2)
+    train, heldout = cpt.split_blocks(CORPUS * 8, tokenizer, cfg, 0)
+    masking = cpt.Masking(
+        tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids), 0.15, False
+    )
+    batches = cpt.fixed_eval_batches(heldout, masking, 2, 0)
+    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train.input_ids), launch)
+    return model, StageTrainer(
+        model=model,
+        args=args,
+        train_dataset=cpt.MaskedBlocks(train, masking, 0),
+        eval_dataset=batches,
+        param_groups=lambda m: cpt.param_groups(m, cfg, fresh),
+        loss_fn=cpt.mlm_loss,
+        eval_fn=lambda m: cpt.evaluate(m, batches),
+        sampler=cpt.EpochKeys(len(train.input_ids), 0),
+    )
+
+
+def rag_trainer(
+    model_dir: str, out: Path, launch: LaunchParams
+) -> tuple[torch.nn.Module, StageTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # the unused pooler starts the same on both ranks
     encoder = AutoModel.from_pretrained(model_dir)
@@ -40,7 +97,7 @@ def rag_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTraine
     cfg = RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1)
     collate = rag.PairCollator(tokenizer, entries, max_length=16)
     train_cfg = retrieval.retriever_training(cfg)
-    args = training_args(train_cfg, 0, torch.device("cpu"), None, out, len(pairs))
+    args = training_args(train_cfg, 0, torch.device("cpu"), None, out, len(pairs), launch)
     args.max_steps = 4
     trainer = StageTrainer(
         model=encoder,
@@ -55,7 +112,9 @@ def rag_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTraine
     return encoder, trainer
 
 
-def rag_sequence_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, StageTrainer]:
+def rag_sequence_trainer(
+    model_dir: str, out: Path, launch: LaunchParams
+) -> tuple[torch.nn.Module, StageTrainer]:
     model, tokenizer = rag_sequence.load_rag(model_dir, n_docs=2)
     entries = [retrieval.Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
     vectors = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
@@ -63,26 +122,57 @@ def rag_sequence_trainer(model_dir: str, out: Path) -> tuple[torch.nn.Module, St
     rag_sequence.save_kb(kb, entries, vectors, retrieval.build_index(vectors, "flat"))
     model.set_retriever(rag_sequence.kb_retriever(model, tokenizer, kb))
     pairs = [(f"question {i} {CORPUS[i % 2]}", CORPUS[i % 2]) for i in range(16)]
-    params = Params(rag=RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1))
+    params = Params(
+        rag=RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1),
+        launch=launch,
+    )
     collator = rag_sequence.QACollator(tokenizer, max_length=16)
     return model, rag_sequence.make_trainer(
         model, collator, pairs, pairs[:2], params, torch.device("cpu"), None, out / "ckpt"
     )
 
 
-def main(kind: str, model_dir: str, out: str) -> None:
-    make = {"sft": sft_trainer, "rag": rag_trainer, "rag-sequence": rag_sequence_trainer}[kind]
-    model, trainer = make(model_dir, Path(out))
-    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-    trainer.train()
+def check_synchronized(before: torch.Tensor, model: torch.nn.Module) -> None:
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(after) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, after)
-    assert dist.get_world_size() == 2
     assert all(torch.equal(gathered[0], g) for g in gathered), "ranks diverged: no gradient sync"
     assert not torch.equal(before, after), "training did not change the weights"
-    steps = trainer.state.global_step
-    print(f"rank {dist.get_rank()}: weights equal across ranks after {steps} steps")
+    print(f"rank {dist.get_rank()}: weights equal across ranks")
+
+
+def check_sharded(model: torch.nn.Module) -> None:
+    params = list(model.parameters())
+    assert all(isinstance(p, DTensor) for p in params), "FSDP did not shard the parameters"
+    held, total = sum(p.to_local().numel() for p in params), sum(p.numel() for p in params)
+    assert held < 0.6 * total, f"rank holds {held} of {total} values"
+    print(f"rank {dist.get_rank()}: holds {held} of {total} parameter values")
+
+
+def main(kind: str, strategy: str, model_dir: str, out: str) -> None:
+    if strategy == "fsdp":
+        shard_on_cpu()
+    make = {
+        "sft": sft_trainer,
+        "cpt": cpt_trainer,
+        "rag": rag_trainer,
+        "rag-sequence": rag_sequence_trainer,
+    }[kind]
+    model, trainer = make(model_dir, Path(out), LaunchParams(nproc_per_node=2, strategy=strategy))
+    assert dist.get_world_size() == 2
+    if strategy == "fsdp":
+        trainer.train()
+        check_sharded(trainer.model)
+    else:
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        trainer.train()
+        check_synchronized(before, model)
+    whole = trained_model(trainer)
+    if dist.get_rank() == 0:
+        whole.save_pretrained(Path(out) / strategy)
+        losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+        (Path(out) / f"{strategy}.json").write_text(json.dumps(losses))
+    print(f"rank {dist.get_rank()}: {trainer.state.global_step} steps")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,13 @@ def test_yaml_booleans_and_device_indices_are_understood(tmp_path: Path) -> None
 def test_missing_file_says_where_to_run(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_fsdp_is_chosen_by_name_and_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    assert load_params(write(tmp_path, "launch:\n  strategy: fsdp\n")).launch.strategy == "fsdp"
+    with pytest.raises(ParamsError, match=r"launch\.strategy must be ddp\|fsdp, got 'zero3'"):
+        load_params(write(tmp_path, "launch:\n  strategy: zero3\n"))
+    with pytest.raises(ParamsError, match=r"fsdp does not combine with sft\.lora_r > 0"):
+        load_params(write(tmp_path, "launch:\n  strategy: fsdp\nsft:\n  lora_r: 8\n"))
+    with pytest.raises(ParamsError, match=r"fsdp does not combine with rag\.backend rag-sequence"):
+        load_params(write(tmp_path, "launch:\n  strategy: fsdp\nrag:\n  backend: rag-sequence\n"))
