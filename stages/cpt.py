@@ -227,7 +227,7 @@ def load_mlm(source: ModelSource) -> tuple[PreTrainedModel, set[str]]:
     return model, set(info["missing_keys"])
 
 
-def param_groups(model: PreTrainedModel, cfg: CptParams, fresh: set[str]) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, cfg: CptParams, fresh: set[str]) -> list[dict[str, Any]]:
     """AdamW groups: the `fresh` parameters (an MLM head the checkpoint lacked) learn at `head_lr`,
     the pretrained ones at `lr`, so a pretrained head (bert-base-uncased) is fine-tuned gently;
     biases and norms take no weight decay."""
@@ -302,7 +302,7 @@ def run(
         print(describe("cpt", "base", base))
 
     checkpoints = checkpoint_dir(
-        "cpt", asdict(cfg), seed, device_name, fp16, file_digest(data), launch.strategy
+        "cpt", asdict(cfg), seed, device_name, fp16, launch.strategy, file_digest(data)
     )
     trainer = StageTrainer(
         model=model,

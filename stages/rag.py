@@ -153,7 +153,7 @@ def finetune_retriever(
     mode: str | None,
     checkpoints: Path,
     launch: LaunchParams = LaunchParams(),
-) -> tuple[PreTrainedModel, StageTrainer]:
+) -> tuple[torch.nn.Module, StageTrainer]:
     """Contrastive fine-tuning of `encoder`; returns the trained encoder (whole on rank 0) and
     the trainer, for its history."""
     train_cfg = retriever_training(cfg)

@@ -376,13 +376,7 @@ def run(
         device,
         mode,
         checkpoint_dir(
-            BACKEND,
-            asdict(cfg),
-            params.seed,
-            params.device,
-            params.fp16,
-            params.launch.strategy,
-            *map(file_digest, inputs),
+            BACKEND, asdict(cfg), params.seed, params.device, params.fp16, *map(file_digest, inputs)
         ),
     )
     model = train_resumable(trainer, "rag")

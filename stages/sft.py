@@ -385,7 +385,7 @@ def run(
         model = with_lora(model, cfg)
     data_digest = file_digest(args.data / "train.jsonl")
     checkpoints = checkpoint_dir(
-        "sft", asdict(cfg), seed, device_name, fp16, data_digest, launch.strategy
+        "sft", asdict(cfg), seed, device_name, fp16, launch.strategy, data_digest
     )
     args_ = training_args(cfg, seed, device, mode, checkpoints, len(train), launch)
     trainer = make_trainer(model, args_, train, batches, tokenizer.pad_token_id)

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,8 @@ class StageTrainer(Trainer):
 
     def create_optimizer(self, model=None):  # type: ignore[override]
         """AdamW over the stage's own parameter groups, when it has some. Built here rather than
-        passed in, because under FSDP the Trainer creates the optimizer only once the
-        parameters are sharded."""
+        passed in: the Trainer refuses an optimizer under FSDP, whose sharding replaces the
+        parameters an optimizer built earlier would hold."""
         if self.param_groups is None:
             return super().create_optimizer(model)
         if self.optimizer is None:
@@ -200,16 +200,18 @@ def shard(model: torch.nn.Module, precision: MixedPrecisionPolicy | None) -> Non
     and output embeddings a unit of their own, and so fails on a parameter the output embedding
     shares with another module (the bias of BERT's MLM head). accelerate leaves a model that is
     already sharded as it is."""
-    options = {"mp_policy": precision or MixedPrecisionPolicy(), "reshard_after_forward": True}
-    if precision is not None:  # FSDP2 keeps fp32 master weights and casts them for compute
+    # Compute in accelerate's precision, but leave outputs as computed: the root's "outputs"
+    # are the loss function's fp32 sums (see `stage_loss`), which a cast to fp16 would overflow.
+    policy = replace(precision or MixedPrecisionPolicy(), output_dtype=None)
+    if policy.param_dtype is not None:  # FSDP2 keeps fp32 master weights and casts them
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     blocks = [block for blocks in lists for block in blocks]
     for block in reversed(blocks):  # FSDP2 shards nested modules before their parents
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mp_policy=policy)  # the root stays gathered from forward to backward
 
 
 def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
@@ -278,7 +280,7 @@ def training_args(
         activation_checkpointing=cfg.gradient_checkpointing,
         ddp_backend=None if launch.backend == "auto" else launch.backend,
         fsdp=fsdp,
-        fsdp_config=FSDP_CONFIG if fsdp else None,
+        fsdp_config=dict(FSDP_CONFIG) if fsdp else None,  # the Trainer adds its defaults
     )
 
 

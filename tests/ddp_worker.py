@@ -56,7 +56,7 @@ def sft_trainer(
     records = [{"prompt": f"what {i}", "response": CORPUS[i % 2]} for i in range(16)]
     train, _ = sft.encode_all(tokenizer, records, 32)
     batches = sft.eval_batches(train[:4], 2, tokenizer.pad_token_id)
-    cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=2, save_steps=100)
+    cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=2, save_steps=2)
     args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
     return model, sft.make_trainer(model, args, train, batches, tokenizer.pad_token_id)
 
@@ -66,8 +66,9 @@ def cpt_trainer(
 ) -> tuple[torch.nn.Module, StageTrainer]:
     source = resolve_model(model_dir)
     tokenizer = load_tokenizer(source)
-    model, fresh = cpt.load_mlm(source)
-    cfg = CptParams(max_length=16, batch_size=2, lr=1e-3, max_steps=4, eval_steps=2)
+    model, _ = cpt.load_mlm(source)
+    fresh = {name for name, _ in model.named_parameters() if name.startswith("cls.")}
+    cfg = CptParams(max_length=16, batch_size=2, lr=1e-3, head_lr=1e-2, max_steps=4, eval_steps=2)
     train, heldout = cpt.split_blocks(CORPUS * 8, tokenizer, cfg, 0)
     masking = cpt.Masking(
         tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids), 0.15, False
@@ -163,10 +164,15 @@ def main(kind: str, strategy: str, model_dir: str, out: str) -> None:
     if strategy == "fsdp":
         trainer.train()
         check_sharded(trainer.model)
+        if kind == "sft":  # a sharded checkpoint: every rank wrote its part
+            shards = sorted(p.name for p in Path(out).glob("checkpoint-4/pytorch_model_fsdp_0/*"))
+            assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
     else:
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         trainer.train()
         check_synchronized(before, model)
+    if kind == "cpt":  # the stage's groups: the head at head_lr, the encoder at lr
+        assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {1e-3, 1e-2}
     whole = trained_model(trainer)
     if dist.get_rank() == 0:
         whole.save_pretrained(Path(out) / strategy)
