@@ -17,17 +17,7 @@ from safetensors.torch import load_file
 
 from stages import launch
 from stages.params import LaunchParams
-from tests.test_sft import run_stage, write_project
-
-STAGE_PATHS = {
-    "data": "data",
-    "output": "out",
-    "metrics": "sft.json",
-    "plots": "plots",
-    "samples": "samples.md",
-    "params": "params.yaml",
-    "timings": "timings.json",
-}
+from tests.test_sft import run_stage, stage_args, write_project
 
 
 def free_port() -> int:
@@ -148,8 +138,7 @@ def test_sft_on_two_machines_of_one_process_matches_one_machine_of_two(
 
     def start(name: str) -> subprocess.Popen[bytes]:
         project = tmp_path / name
-        command = [sys.executable, "-m", "stages.sft", f"--base={tiny_llama_dir}"]
-        command += [f"--{arg}={project / path}" for arg, path in STAGE_PATHS.items()]
+        command = [sys.executable, "-m", "stages.sft", *stage_args(project, tiny_llama_dir)]
         log = (project / "stage.log").open("w")
         return subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
 

@@ -108,18 +108,21 @@ def write_project(tmp_path: Path, **overrides: object) -> Path:
     return tmp_path
 
 
+def stage_args(tmp_path: Path, base: Path) -> list[str]:
+    """The stage's command-line arguments for a project written by `write_project`."""
+    return [
+        f"--base={base}",
+        f"--data={tmp_path / 'data'}",
+        f"--output={tmp_path / 'out'}",
+        f"--metrics={tmp_path / 'sft.json'}",
+        f"--plots={tmp_path / 'plots'}",
+        f"--samples={tmp_path / 'samples.md'}",
+        f"--params={tmp_path / 'params.yaml'}",
+    ]
+
+
 def run_stage(tmp_path: Path, base: Path) -> int:
-    return sft.main(
-        [
-            f"--base={base}",
-            f"--data={tmp_path / 'data'}",
-            f"--output={tmp_path / 'out'}",
-            f"--metrics={tmp_path / 'sft.json'}",
-            f"--plots={tmp_path / 'plots'}",
-            f"--samples={tmp_path / 'samples.md'}",
-            f"--params={tmp_path / 'params.yaml'}",
-        ]
-    )
+    return sft.main(stage_args(tmp_path, base))
 
 
 def test_stage_end_to_end_on_a_tiny_gpt2(
