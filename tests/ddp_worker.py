@@ -11,6 +11,7 @@ whole, and the held-out losses logged during training, for the test to compare s
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def rag_sequence_trainer(
     model, tokenizer = rag_sequence.load_rag(model_dir, n_docs=2)
     entries = [retrieval.Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
     vectors = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
-    kb = out / f"kb-{dist.get_rank() if dist.is_initialized() else 0}"
+    # The process group starts with the Trainer, later: the rank comes from torchrun's env.
+    kb = out / f"kb-{os.environ['RANK']}"
     rag_sequence.save_kb(kb, entries, vectors, retrieval.build_index(vectors, "flat"))
     model.set_retriever(rag_sequence.kb_retriever(model, tokenizer, kb))
     pairs = [(f"question {i} {CORPUS[i % 2]}", CORPUS[i % 2]) for i in range(16)]
