@@ -318,6 +318,20 @@ def write_params(project: Path, name: str, section: str, overrides: dict[str, An
     return path
 
 
+def run_outputs(project: Path, name: str, params: Path) -> tuple[list[str], Path]:
+    """The arguments every measured run passes its stage (what it writes, its params), and the
+    timings file among them."""
+    timings = project / f"timings/{name}.json"
+    args = [
+        f"--output={project / 'output' / name}",
+        f"--metrics={project / 'metrics' / name}.json",
+        f"--plots={project / 'metrics' / name}",
+        f"--params={params}",
+        f"--timings={timings}",
+    ]
+    return args, timings
+
+
 def measure(run: Run, project: Path, command: list[str], timings: Path | None) -> Run:
     print(f"running {run.name} ...", flush=True)
     run.usage = run_child(command, project, project / f"{run.name}.log")
@@ -358,16 +372,8 @@ def cpt_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
     for batch in batches:
         name = f"cpt-b{batch}"
         params = write_params(project, name, "cpt", training_overrides(model, steps, batch))
-        timings = project / f"timings/{name}.json"
-        command = stage(
-            "cpt",
-            f"--data={project / 'output/data/pretrain.txt'}",
-            f"--output={project / 'output' / name}",
-            f"--metrics={project / 'metrics' / name}.json",
-            f"--plots={project / 'metrics' / name}",
-            f"--params={params}",
-            f"--timings={timings}",
-        )
+        outputs, timings = run_outputs(project, name, params)
+        command = stage("cpt", f"--data={project / 'output/data/pretrain.txt'}", *outputs)
         run = Run(name, "bert-base (random)", n_params, vocab, f"{batch} x {max_length}", steps)
         runs.append(measure(run, project, command, timings))
     return runs
@@ -395,17 +401,13 @@ def sft_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
         name = f"sft-b{batch}"
         overrides = {**training_overrides(model, steps, batch), **SFT_GENERATION}
         params = write_params(project, name, "sft", overrides)
-        timings = project / f"timings/{name}.json"
+        outputs, timings = run_outputs(project, name, params)
         command = stage(
             "sft",
             f"--base={base}",
             f"--data={project / 'output/data/sft'}",
-            f"--output={project / 'output' / name}",
-            f"--metrics={project / 'metrics' / name}.json",
-            f"--plots={project / 'metrics' / name}",
             f"--samples={project / 'metrics' / name}-samples.md",
-            f"--params={params}",
-            f"--timings={timings}",
+            *outputs,
         )
         run = Run(name, "gpt2 (random)", n_params, vocab, f"{batch} x {max_length} max", steps)
         runs.append(measure(run, project, command, timings))
@@ -445,7 +447,7 @@ def rag_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
             "max_new_tokens": RAG_MAX_NEW_TOKENS,
         }
         params = write_params(project, name, "rag", overrides)
-        timings = project / f"timings/{name}.json"
+        outputs, timings = run_outputs(project, name, params)
         command = stage(
             "rag",
             "build",
@@ -453,12 +455,8 @@ def rag_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
             f"--sft={project / 'output/sft'}",
             f"--data={data}",
             f"--pretrain={project / 'output/data/pretrain.txt'}",
-            f"--output={project / 'output' / name}",
-            f"--metrics={project / 'metrics' / name}.json",
-            f"--plots={project / 'metrics' / name}",
             f"--predictions={project / 'metrics' / name}-predictions.jsonl",
-            f"--params={params}",
-            f"--timings={timings}",
+            *outputs,
         )
         shape = f"{batch} q x {top_k} docs x {RAG_NQ['max_combined_length']}"
         run = Run(name, "rag-sequence-nq (random)", n_params, vocab, shape, steps)
