@@ -4,7 +4,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC stage commands call `python`; run them with the project's environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro smoke test test-fast lint
+.PHONY: setup repro smoke test test-slow lint docs
 
 setup: $(VENV)/.installed
 
@@ -14,18 +14,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 
 repro: setup
 	dvc repro
-	@python -m stages.summary
+	@python -m stages.report
 
 # The whole pipeline with tiny step counts in a throw-away copy: checks an install in minutes.
 smoke: setup
-	python -m stages.smoke
+	python -m lmpipeline.smoke
 
+# Everything but the checks marked slow (under 10 minutes on 2 cores); CI runs both targets.
 test: setup
-	pytest
-
-test-fast: setup
 	pytest -m "not slow"
+
+test-slow: setup
+	pytest -m slow
 
 lint: setup
 	ruff check .
 	ruff format --check .
+
+# docs/params.md from the params dataclasses (their defaults and docstrings) and dvc.yaml.
+docs: setup
+	python -m lmpipeline.docs

@@ -1,52 +1,45 @@
 """Stage `sft_base`: turn `sft.model` into a plain Hugging Face directory, once.
 
+    python -m stages.sft_base --output output/sft_base
+
 The bundled SmolLM2 ships as a Q4_1 GGUF file; dequantizing it takes tens of seconds, so this
 cached stage does it once per base model and writes safetensors that the SFT stage (and any user)
-loads directly. Other references (a local directory, a hub id) are copied the same way, so
-SFT always starts from `output/sft_base`.
-
-    python -m stages.sft_base --output output/sft_base
+loads directly. Other references (a local directory, a hub id) are copied the same way, so SFT
+always starts from `output/sft_base`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from transformers import AutoModelForCausalLM
+from lmpipeline import stage
+from lmpipeline.models import export_base
+from lmpipeline.params import Params
 
-from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from stages.params import load_stage_params
+
+@dataclass(frozen=True)
+class SftBasePaths:
+    stage: ClassVar[str] = "sft_base"
+    output: Path
+    """Where the base model goes (a Hugging Face directory)."""
 
 
-def export_base(ref: str, output: Path) -> int:
-    """Write model and tokenizer of `ref` to `output` as safetensors; return the parameter count."""
-    source = resolve_model(ref)
-    tokenizer = load_tokenizer(source)
-    model = load_model(AutoModelForCausalLM, source)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return model.num_parameters()
+def run(params: Params, paths: SftBasePaths) -> None:
+    start = time.perf_counter()
+    n_params = export_base(params.sft.model, paths.output)
+    took = time.perf_counter() - start
+    print(
+        f"sft_base: {params.sft.model} -> {paths.output}"
+        f" ({n_params / 1e6:.1f}M parameters, {took:.0f} s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-
-    ref = load_stage_params(args.params, "sft_base").sft.model
-    start = time.perf_counter()
-    try:
-        n_params = export_base(ref, args.output)
-    except ModelNotFoundError as err:
-        print(f"sft_base: {err}", file=sys.stderr)
-        return 1
-    took = time.perf_counter() - start
-    print(f"sft_base: {ref} -> {args.output} ({n_params / 1e6:.1f}M parameters, {took:.0f} s)")
-    return 0
+    return stage.main(SftBasePaths, run, argv, __doc__)
 
 
 if __name__ == "__main__":

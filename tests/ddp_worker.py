@@ -23,11 +23,14 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from stages import cpt, rag, rag_sequence, retrieval, sft
-from stages.launch import exit_process
-from stages.models import load_tokenizer, resolve_model
-from stages.params import CptParams, LaunchParams, Params, RagParams, SftParams
-from stages.training import EpochSampler, StageTrainer, trained_model, training_args
+from lmpipeline import cpt, sft
+from lmpipeline.launch import exit_process
+from lmpipeline.models import load_tokenizer, resolve_model
+from lmpipeline.params import CptParams, LaunchParams, RagTrainingParams, SftParams
+from lmpipeline.rag import backend, cpt_sft_train, rag_sequence, rag_sequence_train
+from lmpipeline.rag.index import build_index
+from lmpipeline.rag.knowledge import Entry
+from lmpipeline.training import StageTrainer, trained_model, training_args
 
 CORPUS = ["the model learns to predict masked tokens", "a retriever finds passages"]
 
@@ -71,21 +74,13 @@ def cpt_trainer(
     fresh = {name for name, _ in model.named_parameters() if name.startswith("cls.")}
     cfg = CptParams(max_length=16, batch_size=2, lr=1e-3, head_lr=1e-2, max_steps=4, eval_steps=2)
     train, heldout = cpt.split_blocks(CORPUS * 8, tokenizer, cfg, 0)
-    masking = cpt.Masking(
-        tokenizer.mask_token_id, len(tokenizer), tuple(tokenizer.all_special_ids), 0.15, False
-    )
+    masking = cpt.Masking.of(tokenizer, cfg)
     batches = cpt.fixed_eval_batches(heldout, masking, 2, 0)
     args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train.input_ids), launch)
-    return model, StageTrainer(
-        model=model,
-        args=args,
-        train_dataset=cpt.MaskedBlocks(train, masking, 0),
-        eval_dataset=batches,
-        param_groups=lambda m: cpt.param_groups(m, cfg, fresh),
-        loss_fn=cpt.mlm_loss,
-        eval_fn=lambda m: cpt.evaluate(m, batches),
-        sampler=cpt.EpochKeys(len(train.input_ids), 0),
-    )
+    return model, cpt.make_trainer(model, args, train, batches, masking, cfg, fresh)
+
+
+RAG_TRAINING = RagTrainingParams(batch_size=2, lr=1e-3, epochs=1, max_steps=4)
 
 
 def rag_trainer(
@@ -94,45 +89,30 @@ def rag_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # the unused pooler starts the same on both ranks
     encoder = AutoModel.from_pretrained(model_dir)
-    entries = [retrieval.Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
+    entries = [Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
     pairs = [(f"question {i} {CORPUS[i % 2]}", i) for i in range(16)]
-    cfg = RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1)
-    collate = rag.PairCollator(tokenizer, entries, max_length=16)
-    train_cfg = retrieval.retriever_training(cfg)
-    args = training_args(train_cfg, 0, torch.device("cpu"), None, out, len(pairs), launch)
-    args.max_steps = 4
-    trainer = StageTrainer(
-        model=encoder,
-        args=args,
-        train_dataset=pairs,
-        eval_dataset=[],
-        data_collator=collate,
-        loss_fn=rag.contrastive_loss,
-        eval_fn=lambda m: {},
-        sampler=EpochSampler(len(pairs), 0),
-    )
-    return encoder, trainer
+    collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
+    training = backend.Training(cpt_sft_train.contrastive_loss, collate, pairs, held_out=[])
+    cpu = torch.device("cpu")
+    return encoder, backend.make_trainer(encoder, training, RAG_TRAINING, 0, cpu, None, out, launch)
 
 
 def rag_sequence_trainer(
     model_dir: str, out: Path, launch: LaunchParams
 ) -> tuple[torch.nn.Module, StageTrainer]:
     model, tokenizer = rag_sequence.load_rag(model_dir, n_docs=2)
-    entries = [retrieval.Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
+    entries = [Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
     vectors = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
     # The process group starts with the Trainer, later: the rank comes from torchrun's env.
     kb = out / f"kb-{os.environ['RANK']}"
-    rag_sequence.save_kb(kb, entries, vectors, retrieval.build_index(vectors, "flat"))
+    rag_sequence.save_kb(kb, entries, vectors, build_index(vectors, "flat"))
     model.set_retriever(rag_sequence.kb_retriever(model, tokenizer, kb))
     pairs = [(f"question {i} {CORPUS[i % 2]}", CORPUS[i % 2]) for i in range(16)]
-    params = Params(
-        rag=RagParams(retriever_batch_size=2, retriever_lr=1e-3, retriever_epochs=1),
-        launch=launch,
-    )
-    collator = rag_sequence.QACollator(tokenizer, max_length=16)
-    return model, rag_sequence.make_trainer(
-        model, collator, pairs, pairs[:2], params, torch.device("cpu"), None, out / "ckpt"
-    )
+    collator = rag_sequence_train.QACollator(tokenizer, max_length=16)
+    training = backend.Training(rag_sequence_train.marginal_nll, collator, pairs, pairs[:2])
+    cpu = torch.device("cpu")
+    ckpt = out / "ckpt"
+    return model, backend.make_trainer(model, training, RAG_TRAINING, 0, cpu, None, ckpt, launch)
 
 
 def check_synchronized(before: torch.Tensor, model: torch.nn.Module) -> None:

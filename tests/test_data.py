@@ -2,7 +2,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.data import eval_mask, prompt_key, read_jsonl, read_lines, write_jsonl
+from lmpipeline.data import (
+    eval_mask,
+    prompt_key,
+    read_jsonl,
+    read_lines,
+    read_passages,
+    write_jsonl,
+)
 
 
 def test_bom_crlf_and_blank_lines_are_tolerated_and_line_numbers_kept(tmp_path: Path) -> None:
@@ -31,3 +38,16 @@ def test_written_jsonl_is_canonical(tmp_path: Path) -> None:
     write_jsonl(path, [{"b": "é", "a": 1}])
     assert path.read_bytes() == '{"a": 1, "b": "é"}\n'.encode()
     assert read_jsonl(path) == [{"a": 1, "b": "é"}]
+
+
+def test_validated_passages_are_read_one_per_line_as_validation_counted_them(
+    tmp_path: Path,
+) -> None:
+    # Separators that str.splitlines() would cut a passage at; validation keeps them inside.
+    inside = ["a\rb", "c\u2028d", "e\x0cf", "g\x85h", "i\x1ej"]
+    path = tmp_path / "pretrain.txt"
+    path.write_bytes("".join(p + "\n" for p in inside).encode("utf-8"))
+    assert [line.text for line in read_lines(path)] == inside
+    assert read_passages(path) == inside
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert read_passages(tmp_path / "empty.txt") == []

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages import launch
-from stages.params import LaunchParams
-from tests.test_sft import run_stage, stage_args, write_project
+from lmpipeline import launch
+from lmpipeline.params import LaunchParams
+from tests.helpers import run_sft, sft_args, write_sft_project
 
 
 def free_port() -> int:
@@ -80,17 +80,19 @@ def test_fsdp_shards_the_model_and_trains_it_as_ddp_does(
 
 
 def test_fsdp_without_cuda_stops_before_any_process_starts(
-    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, batch_size=2, epochs=1, lr=1e-3)
+    write_sft_project(tmp_path, batch_size=2, epochs=1, lr=1e-3)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["device"] = "cpu"
     params["launch"] = {"nproc_per_node": 2, "strategy": "fsdp"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(SystemExit) as stop:
-        run_stage(tmp_path, tiny_llama_dir)
-    assert str(stop.value).startswith("sft: launch.strategy fsdp needs CUDA GPUs")
+    assert run_sft(tmp_path, tiny_llama_dir) == 1
+    assert capsys.readouterr().err.startswith("sft: launch.strategy fsdp needs CUDA GPUs")
     assert not (tmp_path / "out").exists() and not (tmp_path / "sft.json").exists()
 
 
@@ -103,11 +105,11 @@ def test_sft_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         project = tmp_path / name
         project.mkdir()
         monkeypatch.chdir(project)  # checkpoints/ of each run apart
-        write_project(project, batch_size=batch, epochs=2, lr=1e-3)
+        write_sft_project(project, batch_size=batch, epochs=2, lr=1e-3)
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["launch"] = {"nproc_per_node": processes, "master_port": free_port()}
         (project / "params.yaml").write_text(yaml.safe_dump(params))
-        assert run_stage(project, tiny_llama_dir) == 0
+        assert run_sft(project, tiny_llama_dir) == 0
         runs[name] = json.loads((project / "sft.json").read_text())
         assert (project / "out/model.safetensors").is_file()
     one, two = runs["one"], runs["two"]
@@ -131,14 +133,14 @@ def test_sft_on_two_machines_of_one_process_matches_one_machine_of_two(
     for name, launch_params in layouts.items():
         project = tmp_path / name
         project.mkdir()
-        write_project(project, batch_size=2, epochs=2, lr=1e-3)
+        write_sft_project(project, batch_size=2, epochs=2, lr=1e-3)
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["launch"] = launch_params
         (project / "params.yaml").write_text(yaml.safe_dump(params))
 
     def start(name: str) -> subprocess.Popen[bytes]:
         project = tmp_path / name
-        command = [sys.executable, "-m", "stages.sft", *stage_args(project, tiny_llama_dir)]
+        command = [sys.executable, "-m", "stages.sft", *sft_args(project, tiny_llama_dir)]
         log = (project / "stage.log").open("w")
         return subprocess.Popen(command, cwd=project, stdout=log, stderr=subprocess.STDOUT)
 

@@ -6,9 +6,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from stages import sft_base
-from stages.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model
-from tests.conftest import hub_cache_entry
+from lmpipeline.models import (
+    ModelNotFoundError,
+    export_base,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from tests.helpers import hub_cache_entry
 
 
 def test_local_directory_loads_with_auto_classes(tiny_bert_dir: Path) -> None:
@@ -87,7 +92,7 @@ def test_sft_base_writes_a_plain_directory_that_auto_classes_load(
     tiny_gpt2_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "base"
-    assert sft_base.export_base(str(tiny_gpt2_dir), out) > 0
+    assert export_base(str(tiny_gpt2_dir), out) > 0
     assert (out / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     original = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
@@ -100,7 +105,7 @@ def test_bundled_smollm2_gguf_exports_to_safetensors_with_same_outputs(tmp_path:
     source = resolve_model("bundled:smollm2-135m-instruct")
     assert source.gguf_file
     out = tmp_path / "smollm2"
-    sft_base.export_base(source.ref, out)
+    export_base(source.ref, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template  # the template travels with the model
     exported = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)

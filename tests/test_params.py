@@ -1,10 +1,25 @@
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from stages.params import Params, ParamsError, load_params
+from lmpipeline import docs
+from lmpipeline.params import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested mapping, by dotted key."""
+    found: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found |= leaves(value, f"{prefix}{key}.")
+        else:
+            found[prefix + key] = value
+    return found
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -18,6 +33,34 @@ def test_repository_params_load_and_match_their_dataclasses() -> None:
     assert isinstance(params, Params)
     assert params.validate.sft.prompt.max_chars == 4000
     assert params.sft.model.startswith("bundled:")
+
+
+def test_params_yaml_matches_defaults() -> None:
+    """The dataclasses are the one source of the defaults: params.yaml writes out every key,
+    each with exactly the default value."""
+    written = leaves(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    defaults = leaves(dataclasses.asdict(Params()))
+    assert set(written) == set(defaults)
+    for key, value in defaults.items():
+        loaded = written[key]
+        assert loaded == value and type(loaded) in {type(value), int}, (key, loaded, value)
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_the_params_reference_is_generated_from_the_dataclasses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/params.md is what `make docs` writes now: every key, its default, the stages it
+    reruns and its docstring."""
+    monkeypatch.chdir(ROOT)
+    assert docs.main(["--check"]) == 0, "docs/params.md is out of date: run `make docs`"
+    page = (ROOT / "docs/params.md").read_text(encoding="utf-8")
+    for key in leaves(dataclasses.asdict(Params())):
+        assert f"| `{key}` |" in page
+    assert (
+        "| `sft.eval_steps` | 10 | sft |" in page
+        and "| `rag.train.warmup_ratio` | 0.1 | rag |" in page
+    )
 
 
 def test_unknown_key_is_named_with_its_dotted_path(tmp_path: Path) -> None:

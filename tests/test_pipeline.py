@@ -19,7 +19,7 @@ import pytest
 import yaml
 from dvc_objects.fs.system import reflink
 
-from stages.smoke import copy_project, git_commit
+from lmpipeline.smoke import copy_project, git_commit, parse_overrides, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
@@ -105,7 +105,8 @@ def repo(
         eval_steps=2,
         save_steps=2,
     )
-    params["rag"].update(max_length=32, retriever_epochs=1, max_new_tokens=2)
+    params["rag"].update(max_length=32, max_new_tokens=2)
+    params["rag"]["train"].update(epochs=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_commit(repo, "init")
     return repo
@@ -166,6 +167,7 @@ def test_dag_shows_every_stage(repo: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path) -> None:
     baseline(repo)
     assert ran(sh(repo, "dvc", "repro", "--force")) == STAGES
@@ -214,6 +216,41 @@ def test_rag_sequence_backend_is_an_experiment_of_the_rag_stage_only(
         assert "retrieval.base.mrr" in diff  # DPR's question encoder, not the CPT base encoder
         assert "| rag " in (repo / "metrics/summary.md").read_text()
     finally:
+        restore(repo)
+
+
+def test_make_repro_with_the_rag_sequence_backend_ends_with_the_summary(
+    repo: Path, tiny_rag_dir: Path, tiny_dpr_ctx_dir: Path
+) -> None:
+    """The README's `make repro` (dvc repro, then the table with this machine's timings) with
+    rag.backend rag-sequence: both backends write one timings layout, which the table reads."""
+    baseline(repo)
+    shutil.copy(ROOT / "Makefile", repo / "Makefile")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["rag"].update(
+        backend="rag-sequence", model=str(tiny_rag_dir), ctx_encoder=str(tiny_dpr_ctx_dir)
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    venv = Path(sys.executable).parent.parent
+    try:
+        # -o: the environment this test runs in is set up already; make must not reinstall it.
+        proc = sh(repo, "make", "-o", f"{venv}/.installed", "repro", f"VENV={venv}")
+        assert ran(proc) == {"rag", "report"}
+        rows = {
+            line.split("|")[1].strip() + line.split("|")[2].strip()
+            for line in proc.stdout.splitlines()
+            if line.startswith("| ")
+        }
+        assert {"ragrecall@5", "raganswer F1", "ragtime (this machine)"} <= rows
+        timing = next(
+            line
+            for line in proc.stdout.splitlines()
+            if "| time (this machine)" in line and line.startswith("| rag ")
+        )
+        assert "tokens/s" in timing and "answer p50" in timing
+        assert "| rag " in (repo / "metrics/summary.md").read_text()
+    finally:
+        (repo / "Makefile").unlink()
         restore(repo)
 
 
@@ -279,6 +316,7 @@ def test_bad_params_stop_exp_run_before_training_naming_the_key(
         restore(repo)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(repo: Path) -> None:
     baseline(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -344,6 +382,7 @@ def test_bad_file_fails_the_pipeline_with_file_and_line(repo: Path) -> None:
         restore(repo)
 
 
+@pytest.mark.slow
 def test_queued_experiments_run_and_are_listed_with_their_metrics(repo: Path) -> None:
     baseline(repo)
     for lr in ("1e-3", "2e-3"):
@@ -390,3 +429,17 @@ def test_outputs_pushed_to_a_remote_come_back_identical(repo: Path, tmp_path: Pa
     sh(repo, "dvc", "pull", "-r", "shared")
     assert {path: digest(repo / path) for path in models} == before
     assert "up to date" in sh(repo, "dvc", "status").stdout
+
+
+def test_smoke_overrides_reach_top_level_and_nested_keys() -> None:
+    # `benchmarks/gpu_smoke.sh` passes `-S device=cuda`; the smoke profile sets rag.train.*.
+    overrides = parse_overrides(["device=cuda", "rag.train.epochs=1", "sft.batch_size=2"])
+    nested = {"rag": {"train": {"epochs": 1}}, "sft": {"batch_size": 2}}
+    assert overrides == {"device": "cuda", **nested}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    merged = with_overrides(params, overrides)
+    assert merged["device"] == "cuda" and merged["sft"]["batch_size"] == 2
+    assert merged["rag"]["train"] == {**params["rag"]["train"], "epochs": 1}
+    assert merged["rag"]["top_k"] == params["rag"]["top_k"]
+    with pytest.raises(SystemExit, match=r"expected key\.path=value"):
+        parse_overrides(["rag..top_k=2"])

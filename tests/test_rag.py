@@ -11,30 +11,33 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from stages import rag, retrieval
-from stages.params import ParamsError, RagParams, load_params
-from stages.sft import prompt_text
-from tests.conftest import TINY_RAG_PARAMS, build_rag, crash_at_step, word_level_tokenizer
-from tests.test_retrieval import PASSAGES
+from lmpipeline.chat import prompt_text
+from lmpipeline.params import ParamsError, RagParams, RagTrainingParams, load_params
+from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation
+from lmpipeline.rag.index import pooled
+from lmpipeline.rag.knowledge import Entry
+from lmpipeline.rag.system import Hit, SystemConfig
+from lmpipeline.training import train_resumable
+from tests.helpers import PASSAGES, build_rag, crash_at_step, tiny_rag, word_level_tokenizer
 
 
 def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     encoder = AutoModel.from_pretrained(tiny_bert_dir)
     entries = [
-        retrieval.Entry("a1", "the generator answers"),
-        retrieval.Entry("a2", "masked tokens"),
+        Entry("a1", "the generator answers"),
+        Entry("a2", "masked tokens"),
     ]
-    collate = rag.PairCollator(tokenizer, entries, max_length=16)
+    collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
     shared = collate([("what answers", 0), ("who answers", 0), ("what is masked", 1)])
-    parts = rag.contrastive_loss(encoder, shared)
+    parts = cpt_sft_train.contrastive_loss(encoder, shared)
     assert int(parts.predicted) == 3
     assert torch.isfinite(parts.loss_sum)
     # Identical golds are not each other's negatives: with one other gold, each question of the
     # shared pair chooses between two candidates, never three.
-    q = retrieval.pooled(encoder, shared["q_input_ids"], shared["q_attention_mask"])
-    p = retrieval.pooled(encoder, shared["p_input_ids"], shared["p_attention_mask"])
-    logits = rag.SCALE * q @ p.T
+    q = pooled(encoder, shared["q_input_ids"], shared["q_attention_mask"])
+    p = pooled(encoder, shared["p_input_ids"], shared["p_attention_mask"])
+    logits = cpt_sft_train.SCALE * q @ p.T
     first = torch.logsumexp(logits[0, [0, 2]], 0) - logits[0, 0]
     second = torch.logsumexp(logits[1, [1, 2]], 0) - logits[1, 1]
     third = torch.logsumexp(logits[2], 0) - logits[2, 2]
@@ -43,13 +46,19 @@ def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
 
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
     tokenizer = word_level_tokenizer(chat=True)
-    config = rag.RagConfig("gen", "dense", "flat", top_k=2, max_length=32, max_new_tokens=4)
-    hits = [
-        retrieval.Hit(retrieval.Entry(f"p{i}.0", " ".join([PASSAGES[0]] * 8)), 1.0)
-        for i in range(2)
-    ]
-    full = rag.fitted_prompt(config, "what does the model learn?", hits, tokenizer, None)
-    fitted = rag.fitted_prompt(config, "what does the model learn?", hits, tokenizer, 60)
+    config = SystemConfig(
+        generator="gen",
+        retriever="dense",
+        index_type="flat",
+        top_k=2,
+        max_length=32,
+        max_new_tokens=4,
+        prompt=cpt_sft.RAG_PROMPT,
+        passage=cpt_sft.PASSAGE,
+    )
+    hits = [Hit(Entry(f"p{i}.0", " ".join([PASSAGES[0]] * 8)), 1.0) for i in range(2)]
+    full = cpt_sft.fitted_prompt(config, "what does the model learn?", hits, tokenizer, None)
+    fitted = cpt_sft.fitted_prompt(config, "what does the model learn?", hits, tokenizer, 60)
     assert len(tokenizer(prompt_text(tokenizer, full))["input_ids"]) > 60
     assert len(tokenizer(prompt_text(tokenizer, fitted))["input_ids"]) <= 60
     assert "Passage 1: the model" in fitted and "Passage 2: the model" in fitted
@@ -64,16 +73,18 @@ def test_retriever_fine_tuning_resumes_exactly_after_a_crash(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # checkpoints/ lands here
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    entries = [retrieval.Entry(f"a{i}", line) for i, line in enumerate(PASSAGES * 3)]
+    entries = [Entry(f"a{i}", line) for i, line in enumerate(PASSAGES * 3)]
     pairs = [(f"question {i} about {e.text[:20]}", i) for i, e in enumerate(entries)]
-    cfg = RagParams(retriever_epochs=5, retriever_batch_size=2, retriever_lr=1e-3)  # 15 steps
+    cfg = RagTrainingParams(epochs=5, batch_size=2, lr=1e-3)  # 15 steps
 
     def train(checkpoints: str) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # as the stage's set_seed: the unused pooler starts the same
-        encoder = rag.load_encoder(tiny_bert_dir, torch.device("cpu"))
-        collate = rag.PairCollator(tokenizer, entries, max_length=16)
-        args = (collate, pairs, pairs[:2], cfg, 0, torch.device("cpu"), None, Path(checkpoints))
-        rag.finetune_retriever(encoder, *args)
+        encoder = cpt_sft_train.load_encoder(tiny_bert_dir, torch.device("cpu"))
+        collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
+        training = backend.Training(cpt_sft_train.contrastive_loss, collate, pairs, pairs[:2])
+        cpu = torch.device("cpu")
+        trainer = backend.make_trainer(encoder, training, cfg, 0, cpu, None, Path(checkpoints))
+        train_resumable(trainer, "rag")
         return encoder.state_dict()
 
     clean = train("clean")
@@ -96,7 +107,7 @@ def built(
     root = tmp_path_factory.mktemp("rag")
     params = {
         "cpt": {"model": str(tiny_bert_dir)},
-        "rag": {**TINY_RAG_PARAMS, "retriever_batch_size": 2, "retriever": "hybrid"},
+        "rag": tiny_rag(train={"batch_size": 2}, retriever="hybrid"),
     }
     before = {
         k: v.clone() for k, v in AutoModel.from_pretrained(tiny_bert_dir).state_dict().items()
@@ -147,7 +158,7 @@ def test_outputs_hold_a_loadable_system_and_readable_predictions(built: tuple[Pa
     assert "answer" in first["closed_book"]
     curve = (root / "metrics/rag/recall.csv").read_text().splitlines()
     assert (
-        curve[0] == "k,base,cpt,finetuned,bm25,hybrid" and len(curve) == 1 + retrieval.CURVE_DEPTH
+        curve[0] == "k,base,cpt,finetuned,bm25,hybrid" and len(curve) == 1 + evaluation.CURVE_DEPTH
     )
 
 
@@ -155,13 +166,14 @@ def test_ask_answers_from_the_output_directory_alone(
     built: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, _ = built
-    system = rag.RagSystem.load(root / "output/rag", "cpu")
+    system = ask.load_system(root / "output/rag", "cpu")
+    assert isinstance(system, cpt_sft.CptSftSystem)
     answer = system.ask("what does the retriever do?")
     assert len(answer.passages) == 2
     assert [h.score for h in answer.passages] == sorted(
         (h.score for h in answer.passages), reverse=True
     )
-    assert rag.main(["ask", "what does the retriever do?", f"--rag={root / 'output/rag'}"]) == 0
+    assert ask.main(["what does the retriever do?", f"--rag={root / 'output/rag'}"]) == 0
     printed = capsys.readouterr().out
     assert answer.text in printed
     for hit in answer.passages:
@@ -171,7 +183,7 @@ def test_ask_answers_from_the_output_directory_alone(
 def test_ask_without_a_built_system_says_how_to_build_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert rag.main(["ask", "anything?", f"--rag={tmp_path}"]) == 1
+    assert ask.main(["anything?", f"--rag={tmp_path}"]) == 1
     assert "dvc repro rag" in capsys.readouterr().err
 
 
@@ -183,8 +195,20 @@ def test_ask_names_a_missing_generator(
     shutil.copytree(root / "output/rag", moved)  # without the generator it names
     config = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**config, "generator": "../sft"}))
-    assert rag.main(["ask", "what?", f"--rag={moved}"]) == 1
+    assert ask.main(["what?", f"--rag={moved}"]) == 1
     assert "names the generator" in capsys.readouterr().err
+
+
+def test_no_held_out_question_is_refused_in_one_line(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = {"cpt": {"model": str(tiny_bert_dir)}, "rag": tiny_rag(train={"batch_size": 2})}
+    assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir, held_out=0) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"rag: {tmp_path / 'data'}: 6 train and 0 held-out questions; both are needed"
+        " (fine-tuning, and every score): add questions to data/rag.jsonl"
+    ]
+    assert not (tmp_path / "metrics/rag.json").exists()
 
 
 def test_rag_params_refuse_what_cannot_run() -> None:

@@ -20,11 +20,11 @@ from transformers import (
     RagTokenizer,
 )
 
-from stages import rag, rag_sequence
-from stages.data import read_jsonl
-from stages.params import ParamsError, RagParams
-from stages.training import score
-from tests.conftest import TINY_RAG_PARAMS, build_rag, hub_cache_entry
+from lmpipeline.data import read_jsonl
+from lmpipeline.params import ParamsError, RagParams, RagTrainingParams
+from lmpipeline.rag import ask, rag_sequence, rag_sequence_train
+from lmpipeline.training import score
+from tests.helpers import build_rag, hub_cache_entry, tiny_rag
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,12 @@ def built(
     directories are passed as DVC passes them; this backend does not read them."""
     root = tmp_path_factory.mktemp("rag-sequence")
     params = {
-        "rag": {
-            **TINY_RAG_PARAMS,
-            "backend": "rag-sequence",
-            "model": str(tiny_rag_dir),
-            "ctx_encoder": str(tiny_dpr_ctx_dir),
-            "retriever_epochs": 3,
-            "retriever_batch_size": 2,
-        }
+        "rag": tiny_rag(
+            train={"epochs": 3, "batch_size": 2},
+            backend="rag-sequence",
+            model=str(tiny_rag_dir),
+            ctx_encoder=str(tiny_dpr_ctx_dir),
+        )
     }
     assert build_rag(root, params, tiny_bert_dir, tiny_llama_dir) == 0
     return root, json.loads((root / "metrics/rag.json").read_text())
@@ -83,8 +81,8 @@ def test_fine_tuning_changes_both_networks_and_lowers_the_held_out_loss(
     model, tokenizer = rag_sequence.load_rag(str(tiny_rag_dir), n_docs=2)
     model.set_retriever(rag_sequence.kb_retriever(model, tokenizer, root / "output/rag"))
     held_out = [(r["question"], r["answer"]) for r in read_jsonl(root / "data/eval.jsonl")]
-    batch = rag_sequence.QACollator(tokenizer, max_length=32)(held_out)
-    base_loss, _ = score(rag_sequence.marginal_nll, model, [batch])
+    batch = rag_sequence_train.QACollator(tokenizer, max_length=32)(held_out)
+    base_loss, _ = score(rag_sequence_train.marginal_nll, model, [batch])
     assert metrics["train"]["eval_loss"] < base_loss
 
 
@@ -118,7 +116,7 @@ def test_output_loads_with_transformers_own_rag_classes(built: tuple[Path, dict]
     tokenizer = RagTokenizer.from_pretrained(out / "model")
     inputs = tokenizer.question_encoder(["what does the model do?"], return_tensors="pt")
     generated = model.generate(**inputs, num_beams=1, max_new_tokens=4)
-    system = rag.load_system(out, "cpu")
+    system = ask.load_system(out, "cpu")
     assert isinstance(system, rag_sequence.RagSequenceSystem)
     assert tokenizer.generator.batch_decode(generated, skip_special_tokens=True)[0].strip() == (
         system.ask("what does the model do?").text
@@ -129,10 +127,10 @@ def test_ask_prints_the_answer_and_the_documents_it_marginalized(
     built: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, _ = built
-    system = rag.load_system(root / "output/rag", "cpu")
+    system = ask.load_system(root / "output/rag", "cpu")
     answer = system.ask("what does the retriever do?")
     assert len(answer.passages) == 2
-    assert rag.main(["ask", "what does the retriever do?", f"--rag={root / 'output/rag'}"]) == 0
+    assert ask.main(["what does the retriever do?", f"--rag={root / 'output/rag'}"]) == 0
     printed = capsys.readouterr().out
     assert answer.text in printed
     assert all(f"[{hit.entry.id}]" in printed for hit in answer.passages)
@@ -143,7 +141,7 @@ def test_ask_prints_the_answer_and_the_documents_it_marginalized(
 def test_a_model_that_is_not_a_rag_model_is_named(
     tmp_path: Path, tiny_gpt2_dir: Path, tiny_bert_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = {"rag": {**TINY_RAG_PARAMS, "backend": "rag-sequence", "model": str(tiny_gpt2_dir)}}
+    params = {"rag": tiny_rag(backend="rag-sequence", model=str(tiny_gpt2_dir))}
     assert build_rag(tmp_path, params, tiny_bert_dir, tiny_gpt2_dir) == 1
     assert f"rag.model '{tiny_gpt2_dir}' is not a RAG model directory" in capsys.readouterr().err
     assert not (tmp_path / "metrics/rag.json").exists()
@@ -154,7 +152,10 @@ def test_rag_sequence_params_refuse_a_lexical_retriever() -> None:
         RagParams(backend="rag-sequence", retriever="hybrid")
     with pytest.raises(ParamsError, match="backend must be"):
         RagParams(backend="rag-token")
-    assert RagParams(backend="rag-sequence", retriever_batch_size=1).retriever_batch_size == 1
+    one = RagTrainingParams(batch_size=1)
+    assert RagParams(backend="rag-sequence", train=one).train.batch_size == 1
+    with pytest.raises(ParamsError, match=r"train\.batch_size must be >= 2 with backend cpt-sft"):
+        RagParams(train=one)
 
 
 def test_the_default_model_names_resolve_from_the_hugging_face_cache(
@@ -172,6 +173,6 @@ def test_the_default_model_names_resolve_from_the_hugging_face_cache(
     hub_cache_entry(cache, RagParams.model, tiny_rag_dir, pickled=True)
     hub_cache_entry(cache, RagParams.ctx_encoder, tiny_dpr_ctx_dir)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    params = {"rag": {**TINY_RAG_PARAMS, "backend": "rag-sequence", "retriever_epochs": 1}}
+    params = {"rag": tiny_rag(train={"epochs": 1}, backend="rag-sequence")}
     assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir) == 0
     assert (tmp_path / "output/rag/model/model.safetensors").is_file()  # saved as safetensors

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stages.runtime import SetupError, fingerprint, matmul_flops, precision, resolve_device
+from lmpipeline.runtime import SetupError, fingerprint, matmul_flops, precision, resolve_device
 
 
 def test_auto_device_is_the_cpu_here_and_missing_devices_are_refused() -> None:

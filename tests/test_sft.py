@@ -3,26 +3,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, pipeline
 
-from stages import sft
-from tests.conftest import CORPUS, crash_at_step, word_level_tokenizer
-
-PROMPTS = [f"what does the model learn {w} ?" for w in ["", "from context", "to predict", "tokens"]]
-
-
-def records(n: int) -> list[dict[str, str]]:
-    return [
-        {"prompt": f"{PROMPTS[i % 4]} {'?' * (i // 4)}", "response": CORPUS[i % 3]}
-        for i in range(n)
-    ]
+from lmpipeline import chat, metrics, sft
+from tests.helpers import (
+    crash_at_step,
+    run_sft,
+    word_level_tokenizer,
+    write_sft_project,
+)
+from tests.helpers import sft_records as records
 
 
 def test_human_assistant_format_for_a_tokenizer_without_template() -> None:
     tokenizer = word_level_tokenizer()
-    assert sft.ensure_chat_template(tokenizer) == "Human/Assistant format"
-    assert sft.prompt_text(tokenizer, "the model ?") == "Human: the model ?\nAssistant:"
+    assert chat.ensure_chat_template(tokenizer) == "Human/Assistant format"
+    assert chat.prompt_text(tokenizer, "the model ?") == "Human: the model ?\nAssistant:"
     example = sft.encode(tokenizer, "the model ?", "finds passages", 64)
     prompt_len = len(tokenizer("Human: the model ?\nAssistant:")["input_ids"])
     assert example.labels[:prompt_len] == [-100] * prompt_len
@@ -32,7 +28,7 @@ def test_human_assistant_format_for_a_tokenizer_without_template() -> None:
 
 def test_chat_template_is_used_when_the_tokenizer_has_one() -> None:
     tokenizer = word_level_tokenizer(chat=True)
-    assert sft.ensure_chat_template(tokenizer) == "tokenizer chat template"
+    assert chat.ensure_chat_template(tokenizer) == "tokenizer chat template"
     example = sft.encode(tokenizer, "the model ?", "finds passages", 64)
     learned = [t for t in example.labels if t != -100]
     assert tokenizer.convert_ids_to_tokens(learned) == ["finds", "passages", "<|im_end|>"]
@@ -54,7 +50,7 @@ def test_response_only_loss_equals_the_models_own_loss(
 ) -> None:
     path = request.getfixturevalue(fixture)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    sft.ensure_chat_template(tokenizer)
+    chat.ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     examples = [sft.encode(tokenizer, r["prompt"], r["response"], 64) for r in records(3)]
     batch = sft.collate(examples, pad_id=0)
@@ -80,56 +76,17 @@ def test_length_grouped_batches_hold_similar_lengths_and_every_example() -> None
 
 
 def test_generation_scores() -> None:
-    assert sft.token_f1("The cat sat.", "a cat sat") == 1.0
-    assert sft.token_f1("cat", "dog") == 0.0
-    assert sft.rouge_l("a b c d", "a x c d") == pytest.approx(0.75)
-    assert sft.rouge_l("", "a") == 0.0
-
-
-def write_project(tmp_path: Path, **overrides: object) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = records(30)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
-    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:]))
-    cfg = {
-        "max_length": 48,
-        "batch_size": 4,
-        "lr": 1e-2,
-        "epochs": 8,
-        "eval_steps": 10,
-        "save_steps": 10,
-        "warmup_ratio": 0.0,
-        "max_new_tokens": 6,
-        "samples": 2,
-    }
-    cfg.update(overrides)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "sft": cfg}))
-    return tmp_path
-
-
-def stage_args(tmp_path: Path, base: Path) -> list[str]:
-    """The stage's command-line arguments for a project written by `write_project`."""
-    return [
-        f"--base={base}",
-        f"--data={tmp_path / 'data'}",
-        f"--output={tmp_path / 'out'}",
-        f"--metrics={tmp_path / 'sft.json'}",
-        f"--plots={tmp_path / 'plots'}",
-        f"--samples={tmp_path / 'samples.md'}",
-        f"--params={tmp_path / 'params.yaml'}",
-    ]
-
-
-def run_stage(tmp_path: Path, base: Path) -> int:
-    return sft.main(stage_args(tmp_path, base))
+    assert metrics.token_f1("The cat sat.", "a cat sat") == 1.0
+    assert metrics.token_f1("cat", "dog") == 0.0
+    assert metrics.rouge_l("a b c d", "a x c d") == pytest.approx(0.75)
+    assert metrics.rouge_l("", "a") == 0.0
 
 
 def test_stage_end_to_end_on_a_tiny_gpt2(
     tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert run_stage(write_project(tmp_path), tiny_gpt2_dir) == 0
+    assert run_sft(write_sft_project(tmp_path), tiny_gpt2_dir) == 0
     metrics = json.loads((tmp_path / "sft.json").read_text())
     scores = {"eval_loss", "perplexity", "token_accuracy", "gen_f1", "gen_rougeL"}
     assert {k: set(v) for k, v in metrics.items()} == {
@@ -139,11 +96,11 @@ def test_stage_end_to_end_on_a_tiny_gpt2(
     }
     assert metrics["final"]["eval_loss"] < metrics["base"]["eval_loss"]
     speed = json.loads((tmp_path / "output/timings/sft.json").read_text())["train"]
-    assert set(speed) == {"response_tokens", "tokens", "runtime_s", "tokens_per_s", "mfu"}
+    assert set(speed) == {"response_tokens", "steps", "tokens", "runtime_s", "tokens_per_s", "mfu"}
     assert 0 < speed["response_tokens"] < speed["tokens"]
     out = tmp_path / "out"
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template == sft.HUMAN_ASSISTANT_TEMPLATE  # saved with the model
+    assert tokenizer.chat_template == chat.HUMAN_ASSISTANT_TEMPLATE  # saved with the model
     generator = pipeline("text-generation", model=str(out))
     reply = generator(
         [{"role": "user", "content": "the model ?"}], max_new_tokens=3, do_sample=False
@@ -157,7 +114,9 @@ def test_lora_is_merged_so_the_output_loads_without_peft(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert run_stage(write_project(tmp_path, lora_r=4, lora_alpha=8, epochs=2), tiny_llama_dir) == 0
+    assert (
+        run_sft(write_sft_project(tmp_path, lora_r=4, lora_alpha=8, epochs=2), tiny_llama_dir) == 0
+    )
     out = tmp_path / "out"
     assert not (out / "adapter_config.json").exists()
     tuned = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -174,14 +133,14 @@ def test_rerun_after_a_crash_resumes_and_ends_like_an_uninterrupted_run(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_project(tmp_path, epochs=2, save_steps=3)
-    assert run_stage(tmp_path, tiny_gpt2_dir) == 0
+    write_sft_project(tmp_path, epochs=2, save_steps=3)
+    assert run_sft(tmp_path, tiny_gpt2_dir) == 0
     clean = json.loads((tmp_path / "sft.json").read_text())["final"]
 
     with crash_at_step(5):
-        run_stage(tmp_path, tiny_gpt2_dir)
+        run_sft(tmp_path, tiny_gpt2_dir)
     capsys.readouterr()
-    assert run_stage(tmp_path, tiny_gpt2_dir) == 0
+    assert run_sft(tmp_path, tiny_gpt2_dir) == 0
     assert "resuming from" in capsys.readouterr().out
     assert json.loads((tmp_path / "sft.json").read_text())["final"] == clean
 
@@ -202,8 +161,8 @@ def test_gradient_checkpointing_is_switched_on_and_trains_to_the_same_loss(
         project = tmp_path / str(flag)
         project.mkdir()
         monkeypatch.chdir(project)
-        write_project(project, epochs=2, gradient_checkpointing=flag)
-        assert run_stage(project, tiny_llama_dir) == 0
+        write_sft_project(project, epochs=2, gradient_checkpointing=flag)
+        assert run_sft(project, tiny_llama_dir) == 0
         losses[flag] = json.loads((project / "sft.json").read_text())["final"]["eval_loss"]
         assert enabled == ([True] if flag else [])
     # Recomputing activations changes memory, not the arithmetic (the tiny model has no dropout).

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from lmpipeline import validation
+from lmpipeline.data import eval_mask, read_jsonl
+from lmpipeline.params import load_params
 from stages import validate
-from stages.data import eval_mask, read_jsonl
-from stages.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [
@@ -144,8 +145,8 @@ def test_empty_file_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[st
 )
 def test_default_data_passes_with_the_repository_params(dataset: str, name: str) -> None:
     params = load_params(ROOT / "params.yaml")
-    frame, metrics, _ = validate.validate_file(
-        ROOT / "data" / name, validate.DATASETS[dataset], params
+    frame, metrics, _ = validation.validate_file(
+        ROOT / "data" / name, validation.DATASETS[dataset], params
     )
     assert metrics["records"] == len(frame)
     minimum = {"pretrain": 400, "sft": 200, "rag": 150}[dataset]

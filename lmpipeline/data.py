@@ -73,6 +73,13 @@ def canonical_json(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, sort_keys=True)
 
 
+def read_passages(path: Path) -> list[str]:
+    """The passages of a validated text file, one per line. A line ends at "\n" only:
+    str.splitlines would also cut a passage at a CR, U+2028 or another separator inside it."""
+    text = path.read_bytes().decode("utf-8")
+    return text.removesuffix("\n").split("\n") if text else []
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSONL file that the pipeline wrote (already validated)."""
     with path.open(encoding="utf-8") as f:

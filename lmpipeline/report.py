@@ -1,20 +1,11 @@
-"""Stage `report`: the key metrics of every stage as one short table.
-
-`dvc repro` runs it after the stages whose metrics changed and writes `metrics/summary.md`;
-`make repro` prints it again at the end, with this machine's timings beside it. The table holds
-only metrics (deterministic for the same inputs); timings come from `output/timings/` and are
-printed, never written to a DVC output.
-"""
+"""The key metrics of every stage as one short table (the `report` stage), and this machine's
+timings beside them (printed by `make repro`, never written to a DVC output)."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
-
-from stages.data import write_text_atomic
 
 Row = tuple[str, str, str]  # stage, metric, value
 
@@ -99,23 +90,3 @@ def markdown(rows: list[Row]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
-    parser.add_argument("--timings", type=Path, default=Path("output/timings"))
-    parser.add_argument("--output", type=Path, help="write the metrics table here (markdown)")
-    args = parser.parse_args(argv)
-    rows = metric_rows(args.metrics)
-    if args.output:
-        write_text_atomic(args.output, markdown(rows))
-    else:
-        rows += timing_rows(args.timings)
-    print("\n" + markdown(rows))
-    print("Compare runs: dvc exp show, dvc metrics diff, dvc params diff, dvc plots diff.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

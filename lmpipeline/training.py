@@ -1,16 +1,13 @@
-"""The training loop shared by the training stages (CPT, SFT, the RAG retriever): a Hugging Face
-Trainer with the stage's own loss, exact resume from checkpoints kept outside DVC's outputs,
-throughput/MFU and dvclive curves.
+"""The training loop shared by the training stages (CPT, SFT, the rag stage's fine-tuning): a
+Hugging Face Trainer with the stage's own loss, exact resume from checkpoints kept outside DVC's
+outputs, FSDP2 sharding, throughput/MFU and dvclive curves.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -24,10 +21,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from stages.data import write_text_atomic
-from stages.launch import end_distributed
-from stages.params import LaunchParams, TrainingParams
-from stages.runtime import SetupError, fingerprint, matmul_flops
+from lmpipeline.params import LaunchParams, TrainingParams
+from lmpipeline.runtime import end_distributed, fingerprint, matmul_flops
 
 CHECKPOINTS = Path("checkpoints")  # outside DVC's outs: survives a crash, removed on success
 FSDP_CONFIG = {
@@ -67,10 +62,6 @@ def score(
 
 def describe(stage: str, label: str, scores: dict[str, float]) -> str:
     return f"{stage}: {label:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # a fresh head can start far above exp()'s range
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -329,61 +320,27 @@ def trained_model(trainer: StageTrainer) -> torch.nn.Module:
 
 
 def throughput(
-    stage: str, trainer: StageTrainer, flops_per_token: float, device: torch.device
-) -> dict[str, float]:
-    """Tokens, seconds of optimizer steps, tokens/s and MFU against the measured matmul peak."""
-    peak = matmul_flops(device)
+    stage: str, trainer: StageTrainer, flops_per_token: float | None, device: torch.device
+) -> dict[str, float | None]:
+    """Optimizer steps, real tokens trained on, seconds of optimizer steps, tokens/s, and MFU
+    against the measured matmul peak (None for a model whose FLOPs per token are not a constant
+    the stage knows)."""
     tokens_per_s = trainer.tokens_seen / max(trainer.step_seconds, 1e-9)
-    mfu = flops_per_token * tokens_per_s / peak
-    print(
-        f"{stage}: {trainer.tokens_seen} tokens in {trainer.step_seconds:.1f} s ="
-        f" {tokens_per_s:.0f} tokens/s; MFU {mfu:.3f} of a measured {peak / 1e9:.0f} GFLOP/s"
-        " fp32 matmul peak"
-    )
+    line = f"{stage}: {trainer.tokens_seen} tokens in {trainer.step_seconds:.1f} s ="
+    line += f" {tokens_per_s:.0f} tokens/s"
+    mfu = None
+    if flops_per_token is not None:
+        peak = matmul_flops(device)
+        mfu = round(flops_per_token * tokens_per_s / peak, 4)
+        line += f"; MFU {mfu:.3f} of a measured {peak / 1e9:.0f} GFLOP/s fp32 matmul peak"
+    print(line)
     return {
+        "steps": trainer.state.global_step,
         "tokens": trainer.tokens_seen,
         "runtime_s": round(trainer.step_seconds, 2),
         "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": round(mfu, 4),
+        "mfu": mfu,
     }
-
-
-@dataclass
-class StageResult:
-    """What a training stage reports. `metrics` depend only on params, data and code, so the
-    same inputs give a byte-identical file and DVC has nothing to rerun downstream; `timings`
-    are this machine's speed on this run, written beside the outputs and never hashed by DVC."""
-
-    metrics: dict[str, Any]
-    timings: dict[str, Any]
-
-
-def add_timings_option(parser: argparse.ArgumentParser, stage: str) -> None:
-    parser.add_argument(
-        "--timings",
-        type=Path,
-        default=Path(f"output/timings/{stage}.json"),
-        help="where this run's speed goes (not a DVC output: it differs on every run)",
-    )
-
-
-def run_and_record(
-    stage: str, train: Callable[[], StageResult | None], metrics_path: Path, timings_path: Path
-) -> int:
-    """Run a training stage's body; write its metrics and timings only when it succeeds."""
-    start = time.perf_counter()
-    try:
-        result = train()
-    except SetupError as err:
-        print(f"{stage}: {err}", file=sys.stderr)
-        return 1
-    if result is None:  # a process other than rank 0 of a distributed run: rank 0 writes
-        return 0
-    timings = {**result.timings, "stage_s": round(time.perf_counter() - start, 1)}
-    write_text_atomic(timings_path, json.dumps(timings, indent=2) + "\n")
-    write_text_atomic(metrics_path, json.dumps(result.metrics, indent=2) + "\n")
-    print(f"{stage}: done in {timings['stage_s']:.0f} s -> {metrics_path}")
-    return 0
 
 
 def write_curves(log_history: list[dict[str, Any]], plots_dir: Path) -> None:

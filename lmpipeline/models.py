@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from stages.runtime import SetupError
+from lmpipeline.errors import SetupError
 
 BUNDLED_PREFIX = "bundled:"
 # What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files;
@@ -173,3 +178,15 @@ def _without_quantizer(model: M) -> M:
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.generation_config = model.generation_config
     return plain.eval()
+
+
+def export_base(ref: str, output: Path) -> int:
+    """Write the causal LM `ref` and its tokenizer to `output` as a plain safetensors directory;
+    return the parameter count. (The bundled SmolLM2 is a Q4_1 GGUF file: dequantized here once,
+    not at every SFT run.)"""
+    source = resolve_model(ref)
+    tokenizer = load_tokenizer(source)
+    model = load_model(AutoModelForCausalLM, source)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return model.num_parameters()

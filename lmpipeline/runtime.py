@@ -1,4 +1,5 @@
-"""What every training stage needs from the machine: device, precision, seeds and FLOP/s."""
+"""What every training stage needs from the machine and its process: device, precision, FLOP/s,
+and its place in a distributed run."""
 
 from __future__ import annotations
 
@@ -9,11 +10,26 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from lmpipeline.errors import SetupError
 
 
-class SetupError(RuntimeError):
-    """The configuration cannot run here (missing model or device, refused precision); the
-    message says what to change. Stages report it in one line instead of a traceback."""
+def under_launcher() -> bool:
+    """True inside a process that torchrun (or accelerate launch) started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    """True in rank 0 of a distributed run (which alone scores and writes), or in a lone run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_distributed() -> None:
+    """Tear the process group down once no process needs it (rank 0 then scores and writes on
+    its own)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(device: str) -> torch.device:

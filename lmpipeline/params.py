@@ -1,13 +1,16 @@
-"""The one typed loader for params.yaml.
+"""The one typed loader for params.yaml, and the single source of its defaults.
 
-Every key is a dataclass field with a default and a one-line docstring-style comment. Unknown keys
-and values of the wrong type fail at load time with the key's dotted name, so a typo in
-`dvc exp run -S sft.lrr=...` never trains silently with the default.
+Every key is a dataclass field with a default and a docstring (the string under it), from which
+`make docs` writes docs/params.md; a test checks that params.yaml holds exactly these defaults.
+Unknown keys and values of the wrong type fail at load time with the key's dotted name, so a
+typo in `dvc exp run -S sft.lrr=...` never trains silently with the default.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +18,28 @@ from typing import Any, TypeVar, get_type_hints
 
 import yaml
 
+from lmpipeline.errors import StageError
+
 PARAMS_FILE = Path("params.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 FP16_CHOICES = ("auto", "true", "false")
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """params.yaml is missing, malformed, or holds an unknown or mistyped key."""
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ParamsError(f"{key} must be in [0, 1), got {value}")
 
 
 @dataclass(frozen=True)
 class Bounds:
-    min_chars: int = 1  # shortest accepted value, in characters after stripping
-    max_chars: int = 4000  # longest accepted value, in characters after stripping
+    min_chars: int = 1
+    """Shortest accepted value, in characters after stripping."""
+    max_chars: int = 4000
+    """Longest accepted value, in characters after stripping."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_chars <= self.max_chars:
@@ -36,24 +48,30 @@ class Bounds:
 
 @dataclass(frozen=True)
 class PretrainBounds:
-    text: Bounds = Bounds(min_chars=20, max_chars=5000)  # one passage per line
+    text: Bounds = Bounds(min_chars=20, max_chars=5000)
+    """Length bounds of a passage (one per line)."""
 
 
 @dataclass(frozen=True)
 class SftBounds:
     prompt: Bounds = Bounds(min_chars=2, max_chars=4000)
+    """Length bounds of a prompt."""
     response: Bounds = Bounds(min_chars=1, max_chars=8000)
+    """Length bounds of a response."""
 
 
 @dataclass(frozen=True)
 class RagBounds:
     question: Bounds = Bounds(min_chars=5, max_chars=1000)
+    """Length bounds of a question."""
     answer: Bounds = Bounds(min_chars=1, max_chars=2000)
+    """Length bounds of an answer."""
 
 
 @dataclass(frozen=True)
 class ValidateParams:
-    max_errors: int = 50  # per-line messages printed per file before "... and N more"
+    max_errors: int = 50
+    """Per-line messages printed per file before "... and N more"."""
     pretrain: PretrainBounds = PretrainBounds()
     sft: SftBounds = SftBounds()
     rag: RagBounds = RagBounds()
@@ -63,18 +81,26 @@ class ValidateParams:
 class TrainingParams:
     """Optimisation keys shared by the training stages (TRL/Trainer names where they exist)."""
 
-    batch_size: int = 16  # sequences per optimizer micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-4  # peak learning rate, AdamW, linear decay
-    epochs: float = 1.0  # passes over the train split (ignored when max_steps > 0)
-    max_steps: int = 0  # optimizer steps; 0 = run `epochs`
-    warmup_ratio: float = 0.06  # share of steps spent warming the learning rate up
+    batch_size: int = 16
+    """Sequences per optimizer micro-step, per process."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW, linear warmup and decay)."""
+    epochs: float = 1.0
+    """Passes over the train split (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps; 0 = run `epochs`."""
+    warmup_ratio: float = 0.06
+    """Share of the steps spent warming the learning rate up."""
     weight_decay: float = 0.01
-    eval_steps: int = 20  # evaluate the held-out split every N optimizer steps
-    save_steps: int = 40  # checkpoint every N optimizer steps (resume after a crash)
-    gradient_checkpointing: bool = (
-        False  # recompute activations in backward: less memory, more compute
-    )
+    """AdamW weight decay (not on biases and norms)."""
+    eval_steps: int = 20
+    """Held-out loss every N optimizer steps."""
+    save_steps: int = 40
+    """Checkpoint every N optimizer steps (resume after a crash)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, more compute."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_steps", "save_steps"):
@@ -90,12 +116,20 @@ class TrainingParams:
 
 @dataclass(frozen=True)
 class CptParams(TrainingParams):
-    model: str = "bundled:minilm-l6"  # local dir, bundled:NAME or Hugging Face id
-    max_length: int = 128  # tokens per block, [CLS] and [SEP] included
-    mlm_probability: float = 0.15  # share of tokens (or words) selected for prediction
-    whole_word_masking: bool = False  # select whole words instead of single word pieces
-    eval_fraction: float = 0.1  # share of blocks held out, drawn with `seed`
-    head_lr: float = 1e-2  # learning rate of head layers the checkpoint lacks; 0 = same as lr
+    model: str = "bundled:minilm-l6"
+    """Encoder to continue pre-training: a local directory, bundled:NAME or a Hugging Face id
+    (bert-base-uncased); also the `base` retriever of the rag stage."""
+    max_length: int = 128
+    """Tokens per block, [CLS] and [SEP] included."""
+    mlm_probability: float = 0.15
+    """Share of the tokens (or words) selected for prediction."""
+    whole_word_masking: bool = False
+    """Select whole words instead of single word pieces."""
+    eval_fraction: float = 0.1
+    """Share of the blocks held out, drawn with `seed`."""
+    head_lr: float = 1e-2
+    """Learning rate of the head layers the checkpoint lacks (the bundled encoder's MLM head);
+    0 = lr."""
     epochs: float = 3.0
 
     def __post_init__(self) -> None:
@@ -111,16 +145,26 @@ class CptParams(TrainingParams):
 
 @dataclass(frozen=True)
 class SftParams(TrainingParams):
-    model: str = "bundled:smollm2-135m-instruct"  # local dir, bundled:NAME or Hugging Face id
-    eval_fraction: float = 0.1  # share of records held out, drawn with `seed`
-    max_length: int = 512  # tokens per example, template included; longer ones are truncated
+    model: str = "bundled:smollm2-135m-instruct"
+    """Causal LM to fine-tune: a local directory, bundled:NAME or a Hugging Face id (gpt2)."""
+    eval_fraction: float = 0.1
+    """Share of the records held out, drawn with `seed`."""
+    max_length: int = 512
+    """Tokens per example, template included; longer ones are truncated."""
     batch_size: int = 8
     lr: float = 5e-5
-    lora_r: int = 0  # 0 = full fine-tune; > 0 = LoRA rank (merged into the saved model)
+    eval_steps: int = 10
+    save_steps: int = 10
+    lora_r: int = 0
+    """0 = full fine-tune; > 0 = LoRA rank on all linear layers, merged into the saved model."""
     lora_alpha: int = 16
+    """LoRA scaling numerator."""
     lora_dropout: float = 0.05
-    max_new_tokens: int = 64  # greedy generation length for the held-out prompts
-    samples: int = 5  # held-out generations written to the samples file
+    """Dropout on the LoRA branch."""
+    max_new_tokens: int = 64
+    """Greedy answer length for the held-out prompts (gen_f1, gen_rougeL)."""
+    samples: int = 5
+    """Held-out answers written to the samples file."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,27 +183,50 @@ RAG_BACKENDS = ("cpt-sft", "rag-sequence")
 
 
 @dataclass(frozen=True)
+class RagTrainingParams(TrainingParams):
+    """Fine-tuning of the rag stage on the train questions: the retriever, contrastively
+    (cpt-sft), or the whole RAG model by marginal likelihood (rag-sequence)."""
+
+    batch_size: int = 32
+    """Questions per micro-step, per process; cpt-sft: the other golds of a batch are each
+    question's negatives, so at least 2."""
+    epochs: float = 3.0
+    warmup_ratio: float = 0.1
+    eval_steps: int = 10
+    save_steps: int = 10
+
+
+@dataclass(frozen=True)
 class RagParams:
-    # cpt-sft: the CPT encoder retrieves, the SFT model answers; rag-sequence: transformers'
-    # RagSequenceForGeneration (`model`) over an index of the entries embedded by `ctx_encoder`
     backend: str = "cpt-sft"
-    model: str = "facebook/rag-sequence-nq"  # rag-sequence: RAG model (local dir or hub id)
-    ctx_encoder: str = "facebook/dpr-ctx_encoder-multiset-base"  # rag-sequence: DPR ctx encoder
-    eval_fraction: float = 0.2  # share of questions held out, drawn with `seed`
-    chunk_words: int = 100  # words per knowledge-base chunk of a pretrain passage
-    chunk_overlap: int = 20  # words shared by neighbouring chunks of one passage
-    answer_context: bool = True  # answer entries carry the pretrain sentence that states them
-    max_length: int = 256  # encoder tokens per question or entry; longer ones are truncated
-    retriever: str = "dense"  # what the final system retrieves with: dense|bm25|hybrid
-    index: str = "flat"  # FAISS index: flat (exact) | hnsw | ivf (approximate, large corpora)
-    # Fine-tuning on the train questions: contrastive (cpt-sft: the other golds of a batch are
-    # the negatives) or the RAG-sequence marginal likelihood (question encoder and generator)
-    retriever_epochs: float = 3.0
-    retriever_lr: float = 1e-4
-    retriever_batch_size: int = 32  # questions per step
-    top_k: int = 3  # passages given to the generator (rag-sequence: documents marginalized)
-    max_new_tokens: int = 32  # greedy answer length
-    batch_size: int = 16  # embedding and closed-book generation batch
+    """cpt-sft: the CPT encoder retrieves, the SFT model answers; rag-sequence: transformers'
+    RagSequenceForGeneration (`model`) over an index of the entries embedded by `ctx_encoder`."""
+    model: str = "facebook/rag-sequence-nq"
+    """rag-sequence: the RAG model (local directory or Hugging Face id)."""
+    ctx_encoder: str = "facebook/dpr-ctx_encoder-multiset-base"
+    """rag-sequence: the DPR context encoder that embeds the knowledge base."""
+    eval_fraction: float = 0.2
+    """Share of the questions held out, drawn with `seed`."""
+    chunk_words: int = 100
+    """Words per knowledge-base chunk of a pretrain passage."""
+    chunk_overlap: int = 20
+    """Words shared by neighbouring chunks of one passage."""
+    answer_context: bool = True
+    """Answer entries carry the pretrain sentence that states them."""
+    max_length: int = 256
+    """Encoder tokens per question or entry; longer ones are truncated."""
+    retriever: str = "dense"
+    """What the final system retrieves with: dense | bm25 | hybrid (rag-sequence: dense)."""
+    index: str = "flat"
+    """FAISS index: flat (exact) | hnsw | ivf (approximate, for large corpora)."""
+    train: RagTrainingParams = RagTrainingParams()
+    """Fine-tuning on the train questions."""
+    top_k: int = 3
+    """Passages given to the generator (rag-sequence: entries retrieved and marginalized)."""
+    max_new_tokens: int = 32
+    """Greedy answer length."""
+    batch_size: int = 16
+    """Batch of embedding and of closed-book generation."""
 
     def __post_init__(self) -> None:
         if self.backend not in RAG_BACKENDS:
@@ -179,13 +246,9 @@ class RagParams:
             raise ParamsError(
                 f"chunk_overlap must be in [0, chunk_words), got {self.chunk_overlap}"
             )
-        if self.retriever_epochs <= 0 or self.retriever_lr <= 0:
-            raise ParamsError("retriever_epochs and retriever_lr must be > 0")
-        least = 2 if self.backend == "cpt-sft" else 1  # cpt-sft needs in-batch negatives
-        if self.retriever_batch_size < least:
+        if self.backend == "cpt-sft" and self.train.batch_size < 2:  # in-batch negatives
             raise ParamsError(
-                f"retriever_batch_size must be >= {least} with backend {self.backend},"
-                f" got {self.retriever_batch_size}"
+                f"train.batch_size must be >= 2 with backend cpt-sft, got {self.train.batch_size}"
             )
         for key in ("max_length", "top_k", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
@@ -198,14 +261,24 @@ STRATEGIES = ("ddp", "fsdp")
 
 @dataclass(frozen=True)
 class LaunchParams:
-    nproc_per_node: int = 1  # processes per machine (one per GPU); > 1 runs under torchrun
-    nnodes: int = 1  # machines; each runs `dvc repro` with its own node_rank
+    """How the training stages (cpt, sft, the rag stage's fine-tuning) run: more than one
+    process runs them under torchrun; batch_size is per process."""
+
+    nproc_per_node: int = 1
+    """Processes per machine (one per GPU); > 1 runs the training stages under torchrun."""
+    nnodes: int = 1
+    """Machines; each runs the stage with its own node_rank."""
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"  # rank 0's machine
+    """This machine's rank, in [0, nnodes)."""
+    master_addr: str = "127.0.0.1"
+    """Rank 0's machine."""
     master_port: int = 29500
-    backend: str = "auto"  # auto = NCCL on GPUs, gloo on CPUs
-    strategy: str = "ddp"  # ddp: a full copy per process | fsdp: parameters, gradients and
-    # optimizer state sharded across the processes (FSDP2), for models that do not fit one GPU
+    """Port rank 0 listens on."""
+    backend: str = "auto"
+    """auto (NCCL on GPUs, gloo on CPUs) | gloo | nccl."""
+    strategy: str = "ddp"
+    """ddp: a full model copy per process | fsdp: parameters, gradients and optimizer state
+    sharded across CUDA GPUs (FSDP2), for training state that does not fit one GPU."""
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
@@ -220,9 +293,13 @@ class LaunchParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42  # feeds python, numpy and torch, and every train/eval split
-    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
-    fp16: str = "auto"  # auto = mixed precision on CUDA only; true|false force it
+    seed: int = 42
+    """Feeds python, numpy and torch, and every train/eval split and mask."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps."""
+    fp16: str = "auto"
+    """Mixed precision: auto = bf16/fp16 on CUDA only; true | false force it (true on a CPU is
+    refused: CPU autocast is about 10x slower here)."""
     validate: ValidateParams = field(default_factory=ValidateParams)
     cpt: CptParams = field(default_factory=CptParams)
     sft: SftParams = field(default_factory=SftParams)
@@ -246,11 +323,6 @@ class Params:
             )
 
 
-def _check_fraction(key: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ParamsError(f"{key} must be in [0, 1), got {value}")
-
-
 T = TypeVar("T")
 
 
@@ -269,13 +341,25 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: {err}") from None
 
 
-def load_stage_params(path: Path | str, stage: str) -> Params:
-    """`load_params` for a stage's entry point: a bad params.yaml (say from `dvc exp run -S`)
-    stops the stage with one line naming the key, before any model is loaded."""
-    try:
-        return load_params(path)
-    except ParamsError as err:
-        raise SystemExit(f"{stage}: {err}") from None
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings of a dataclass's fields (the string literal under each), base classes
+    first, each folded to one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for node, after in zip(body.body, body.body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def build(cls: type[T], data: Any, prefix: str) -> T:

@@ -29,9 +29,18 @@ SMOKE_PARAMS: dict[str, dict[str, Any]] = {
         "max_new_tokens": 8,
         "samples": 2,
     },
-    "rag": {"retriever_epochs": 1, "max_new_tokens": 8},
+    "rag": {"train": {"epochs": 1}, "max_new_tokens": 8},
 }
-PROJECT = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "stages", "data", ".dvc"]
+PROJECT = [
+    "dvc.yaml",
+    "params.yaml",
+    ".gitignore",
+    ".dvcignore",
+    "stages",
+    "lmpipeline",
+    "data",
+    ".dvc",
+]
 NOT_COPIED = shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local")
 
 
@@ -54,32 +63,37 @@ def git_commit(repo: Path, message: str) -> None:
     subprocess.run(["git", *identity, "commit", "-qm", message], cwd=repo, check=True)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """`section.key=value` pairs (values read as YAML) as nested params, like `dvc exp run -S`."""
-    overrides: dict[str, dict[str, Any]] = {}
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key.path=value` pairs (values read as YAML) as nested params, like `dvc exp run -S`;
+    a bare `key=value` sets a top-level key (`device=cuda`)."""
+    overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"smoke: -S {pair!r}: expected section.key=value")
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+        if not sep or not all(key.split(".")):
+            raise SystemExit(f"smoke: -S {pair!r}: expected key.path=value")
+        *sections, name = key.split(".")
+        node = overrides
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = yaml.safe_load(value)
     return overrides
 
 
 def with_overrides(params: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+    """`params` with each layer's values set in it, at any depth."""
+    merged = dict(params)
     for layer in layers:
-        for section, values in layer.items():
-            if isinstance(merged.get(section), dict):
-                merged[section].update(values)
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = with_overrides(merged[key], value)
             else:
-                merged[section] = values
+                merged[key] = value
     return merged
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--dir", type=Path, help="where to build the copy (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the copy after success")
     args = parser.parse_args(argv)
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         print(f"smoke: FAILED after {took:.0f} s; the copy is kept in {work}", file=sys.stderr)
         return status
-    subprocess.call([sys.executable, "-m", "stages.summary"], cwd=work)
+    subprocess.call([sys.executable, "-m", "stages.report"], cwd=work)
     print(f"smoke: passed in {took:.0f} s")
     if not args.keep:
         shutil.rmtree(work)

@@ -16,18 +16,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 
-from stages.params import LaunchParams
-
-
-def under_launcher() -> bool:
-    """True inside a process that torchrun (or accelerate launch) started."""
-    return "LOCAL_RANK" in os.environ
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from lmpipeline import stage
+from lmpipeline.errors import StageError
+from lmpipeline.params import LaunchParams
+from lmpipeline.runtime import end_distributed, under_launcher
 
 
 def torchrun_command(cfg: LaunchParams, module: str, argv: Sequence[str]) -> list[str]:
@@ -46,13 +39,13 @@ def torchrun_command(cfg: LaunchParams, module: str, argv: Sequence[str]) -> lis
     ]
 
 
-def check_strategy(cfg: LaunchParams, device: str, stage: str) -> None:
+def check_strategy(cfg: LaunchParams, device: str) -> None:
     """Stop before any process starts when FSDP cannot shard: accelerate runs processes that are
     not on CUDA GPUs as DDP, so FSDP on a CPU would silently keep a full copy per process."""
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cfg.strategy == "fsdp" and not cuda:
-        raise SystemExit(
-            f"{stage}: launch.strategy fsdp needs CUDA GPUs, and device {device!r} gives none here"
+        raise StageError(
+            f"launch.strategy fsdp needs CUDA GPUs, and device {device!r} gives none here"
             " (accelerate would run plain DDP instead): set launch.strategy to ddp"
         )
 
@@ -61,19 +54,12 @@ def relaunch(cfg: LaunchParams, device: str, module: str, argv: Sequence[str] | 
     """Exit status of the stage run under torchrun, or None when this process should train."""
     if cfg.nproc_per_node * cfg.nnodes == 1 and not under_launcher():
         return None
-    check_strategy(cfg, device, module.rsplit(".", 1)[-1])
+    check_strategy(cfg, device)
     if under_launcher():
         return None
     command = torchrun_command(cfg, module, sys.argv[1:] if argv is None else argv)
     print("launch: " + " ".join(command[1:]), flush=True)
     return subprocess.call(command)
-
-
-def end_distributed() -> None:
-    """Tear the process group down once no process needs it (rank 0 then scores and writes on
-    its own)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def exit_process(status: int) -> NoReturn:
@@ -88,3 +74,24 @@ def exit_process(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def main(
+    paths_type: type[stage.P],
+    run: stage.Run[stage.P],
+    argv: list[str] | None,
+    doc: str,
+    module: str,
+) -> int:
+    """A training stage's entry point: `stage.main`, but with more than one process asked for,
+    this process starts the stage's `module` under torchrun and waits for it."""
+    paths, params_file = stage.parse(paths_type, doc, argv)
+    params = stage.load(paths.stage, params_file)
+    if params is None:
+        return 1
+    try:
+        status = relaunch(params.launch, params.device, module, argv)
+    except StageError as err:
+        print(err.report(paths.stage), file=sys.stderr)
+        return 1
+    return stage.execute(paths.stage, run, params, paths) if status is None else status

@@ -1,0 +1,89 @@
+"""Chat formatting and greedy generation with a causal LM: what SFT trains on and what the
+default RAG backend answers with.
+
+The tokenizer's chat template is used where it has one (SmolLM2's ChatML); a model without one
+(GPT-2) gets the original spec's `Human: {prompt}\\nAssistant: {response}<eos>` format, which
+the SFT stage saves with the model as its chat template, so that generation everywhere
+(`pipeline("text-generation")` included) uses the format it was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+HUMAN_ASSISTANT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Give the tokenizer the Human/Assistant template if it has none; say which one is used."""
+    if tokenizer.chat_template:
+        return "tokenizer chat template"
+    tokenizer.chat_template = HUMAN_ASSISTANT_TEMPLATE
+    return "Human/Assistant format"
+
+
+def load_chat_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, str]:
+    """A causal LM's tokenizer with a chat template and a pad token (end of text where it has
+    none: padding is masked, never learned), and which template it uses."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, template
+
+
+def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The prompt as the model sees it, up to where the answer starts."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy answers to `prompts`, batched with left padding."""
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[i : i + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **batch.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers

@@ -1,0 +1,121 @@
+"""The scores of `metrics/rag.json`, whichever backend built the system: retrieval over the
+held-out questions, closed-book and retrieval-augmented answers through the system `ask` loads,
+the latency of both, the recall@k curves and one prediction record per question."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lmpipeline.data import write_jsonl, write_text_atomic
+from lmpipeline.metrics import answer_scores, recall_at, retrieval_scores, token_f1
+from lmpipeline.params import RagParams
+from lmpipeline.rag.knowledge import Entry, KnowledgeBase
+from lmpipeline.rag.system import Answer, System
+from lmpipeline.training import write_curves
+
+CURVE_DEPTH = 20  # recall@k is plotted for k = 1..CURVE_DEPTH
+
+
+def print_retrieval(ranks: dict[str, np.ndarray]) -> None:
+    for name, r in ranks.items():
+        print(
+            f"rag: {name:<9} " + "  ".join(f"{k} {v:.3f}" for k, v in retrieval_scores(r).items())
+        )
+
+
+def p50_ms(seconds: Sequence[float]) -> float:
+    return round(float(np.median(seconds)) * 1000, 1) if seconds else 0.0
+
+
+def prediction_record(
+    record: dict[str, str], gold: Entry, closed_book: str, answer: Answer
+) -> dict[str, Any]:
+    reference = record["answer"]
+    return {
+        "question": record["question"],
+        "reference": reference,
+        "gold": gold.id,
+        "closed_book": {"answer": closed_book, "f1": round(token_f1(closed_book, reference), 4)},
+        "rag": {
+            "answer": answer.text,
+            "f1": round(token_f1(answer.text, reference), 4),
+            "passages": [
+                {"id": h.entry.id, "score": round(h.score, 4), "text": h.entry.text}
+                for h in answer.passages
+            ],
+        },
+    }
+
+
+def write_recall_curves(path: Path, ranks: dict[str, np.ndarray]) -> None:
+    rows = ["k," + ",".join(ranks)]
+    for k in range(1, CURVE_DEPTH + 1):
+        rows.append(f"{k}," + ",".join(f"{recall_at(r, k):.6f}" for r in ranks.values()))
+    write_text_atomic(path, "\n".join(rows) + "\n")
+
+
+def evaluate_answers(
+    system: System, kb: KnowledgeBase, eval_records: list[dict[str, str]], cfg: RagParams
+) -> tuple[dict[str, dict[str, float]], dict[str, float], list[dict[str, Any]]]:
+    """Closed-book and retrieval-augmented answers to the held-out questions: scores, latency
+    and one prediction record per question. RAG answers go through `system.ask`, one question
+    at a time, so they are what `ask` prints and their latency is what a user waits."""
+    questions = [r["question"] for r in eval_records]
+    retrieve_s = []
+    for q in questions:
+        start = time.perf_counter()
+        system.retrieve(q)
+        retrieve_s.append(time.perf_counter() - start)
+    closed = system.closed_book(questions, cfg.batch_size)
+    answered, answer_s = [], []
+    for q in tqdm(questions, desc="rag: answer with passages"):
+        start = time.perf_counter()
+        answered.append(system.ask(q))
+        answer_s.append(time.perf_counter() - start)
+    references = [r["answer"] for r in eval_records]
+    scores = {
+        "closed_book": answer_scores(closed, references),
+        "rag": answer_scores([a.text for a in answered], references),
+    }
+    for name, s in scores.items():
+        print(f"rag: answers {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
+    latency = {"retrieve_ms_p50": p50_ms(retrieve_s), "answer_ms_p50": p50_ms(answer_s)}
+    records = [
+        prediction_record(r, kb.entries[g], c, a)
+        for r, g, c, a in zip(eval_records, kb.gold(eval_records), closed, answered, strict=True)
+    ]
+    return scores, latency, records
+
+
+def score_system(
+    system: System,
+    kb: KnowledgeBase,
+    eval_records: list[dict[str, str]],
+    cfg: RagParams,
+    ranks: dict[str, np.ndarray],
+    log_history: list[dict[str, Any]],
+    dim: int,
+    plots: Path,
+    predictions: Path,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The metrics of `metrics/rag.json` and the answer latency, whichever backend built
+    `system`; writes the fine-tuning's loss curves (from its Trainer's `log_history`), the recall
+    curves and the per-question predictions."""
+    write_curves(log_history, plots)
+    write_recall_curves(plots / "recall.csv", ranks)
+    eval_loss = [e["eval_loss"] for e in log_history if "eval_loss" in e]
+    answers, latency, records = evaluate_answers(system, kb, eval_records, cfg)
+    write_jsonl(predictions, records)
+    metrics = {
+        "retrieval": {name: retrieval_scores(r) for name, r in ranks.items()},
+        "answers": answers,
+        "index": {"entries": len(kb.entries), "dim": dim, "type": cfg.index},
+        "train": {"eval_loss": round(eval_loss[-1], 6)},
+    }
+    return metrics, latency

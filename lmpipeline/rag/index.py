@@ -1,0 +1,147 @@
+"""Retrieval over the knowledge base: dense embeddings in a FAISS index, BM25, and reciprocal-rank
+fusion of the two (hybrid)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import bm25s
+import faiss
+import numpy as np
+import Stemmer
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+RRF_K = 60  # the constant of Cormack et al. (2009): ranks beyond a few dozen barely count
+CANDIDATES = 50  # per retriever, fused by the hybrid when answering
+HNSW_NEIGHBOURS = 32
+HNSW_EF_SEARCH = 128
+
+# --- dense retrieval ---------------------------------------------------------------------------
+
+# How an encoder's output becomes one vector per text.
+Pooling = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pooled(encoder: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over real tokens, L2-normalized: inner product = cosine."""
+    hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0), dim=-1)
+
+
+@torch.no_grad()
+def embed(
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    desc: str | None = None,
+    pool: Pooling = pooled,
+) -> np.ndarray:
+    """(len(texts), dim) float32 embeddings, batched by length so that little is padding."""
+    encoder.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    vectors = []
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
+        batch = tokenizer(
+            [texts[i] for i in order[start : start + batch_size]],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(encoder.device)
+        vectors.append(pool(encoder, batch["input_ids"], batch["attention_mask"]).float().cpu())
+    if not vectors:
+        return np.zeros((0, encoder.config.hidden_size), dtype=np.float32)
+    out = np.empty((len(texts), vectors[0].shape[1]), dtype=np.float32)
+    out[order] = torch.cat(vectors).numpy()
+    return out
+
+
+# --- vector index ------------------------------------------------------------------------------
+
+
+def build_index(vectors: np.ndarray, kind: str) -> faiss.Index:
+    """Inner-product index over normalized vectors: exact (flat) or approximate (hnsw, ivf)."""
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        # ~4 sqrt(n) lists (FAISS's guideline), a quarter of them probed: recall over speed.
+        lists = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = max(1, lists // 4)
+    index.add(vectors)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, entry indices) of the `depth` best entries per query; -1 pads a short list."""
+    scores, ids = index.search(queries, min(depth, index.ntotal))
+    return scores, ids
+
+
+# --- lexical and hybrid retrieval --------------------------------------------------------------
+
+_STEMMER = Stemmer.Stemmer("english")
+
+
+def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+    return bm25s.tokenize(
+        list(texts), stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False
+    )
+
+
+def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
+    tokens = bm25_tokens(texts)
+    # Words numbered in sorted order: bm25s would number them in set order, which follows
+    # Python's per-process hash seed, and the saved index would differ from run to run.
+    vocab = {word: i for i, word in enumerate(sorted({w for doc in tokens for w in doc}))}
+    bm25 = bm25s.BM25()
+    ids = [[vocab[w] for w in doc] for doc in tokens]
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
+    return bm25
+
+
+def bm25_search(
+    bm25: bm25s.BM25, questions: Sequence[str], depth: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, entry indices) of the `depth` best entries per question; -1 where none matched."""
+    ids, scores = bm25.retrieve(
+        bm25_tokens(questions), k=min(depth, bm25.scores["num_docs"]), show_progress=False
+    )
+    # An entry sharing no word with the question scores 0: it was not found, whatever its rank.
+    return scores, np.where(scores > 0, ids, -1).astype(np.int64)
+
+
+def fuse(rankings: Sequence[np.ndarray], n_entries: int, depth: int) -> tuple[np.ndarray, ...]:
+    """Reciprocal-rank fusion: each ranking gives 1 / (RRF_K + rank) to the entries it lists.
+    Entries that no ranking lists come last as -1 (not found)."""
+    fused = np.zeros((len(rankings[0]), n_entries))
+    for ranking in rankings:
+        rows, cols = np.nonzero(ranking >= 0)
+        np.add.at(fused, (rows, ranking[rows, cols]), 1.0 / (RRF_K + cols + 1))
+    order = np.argsort(-fused, axis=1, kind="stable")[:, :depth]
+    scores = np.take_along_axis(fused, order, axis=1)
+    return scores, np.where(scores > 0, order, -1)
+
+
+def lexical_ranks(
+    texts: Sequence[str], questions: Sequence[str], dense: np.ndarray
+) -> tuple[bm25s.BM25, np.ndarray, np.ndarray]:
+    """The BM25 index of the entries' `texts`, and the full BM25 and hybrid rankings for
+    `questions`.
+
+    The hybrid fuses each retriever's top CANDIDATES, exactly as a system answering does."""
+    bm25 = build_bm25(texts)
+    lexical = bm25_search(bm25, questions, len(texts))[1]
+    fused = fuse([dense[:, :CANDIDATES], lexical[:, :CANDIDATES]], len(texts), len(texts))
+    return bm25, lexical, fused[1]

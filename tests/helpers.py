@@ -1,0 +1,247 @@
+"""What several test modules share: tiny tokenizers built from a corpus, tiny projects for the
+stages, and a crash in the middle of training. The tiny models themselves are fixtures
+(conftest.py), built with `lmpipeline.testing`, as the benchmarks build theirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import DPRConfig, PreTrainedTokenizerFast
+
+from lmpipeline import training
+from lmpipeline.data import write_jsonl
+from lmpipeline.testing import TINY_ENCODER
+from stages import rag, sft
+
+CORPUS = [
+    "the model learns to predict masked tokens from context",
+    "a retriever finds passages and the generator answers the question",
+    "fine tuning on prompt and response pairs teaches the assistant style",
+]
+PASSAGES = [
+    "the model learns to predict masked tokens from context",
+    "a retriever finds passages and the generator answers the question. "
+    "Fine tuning teaches the assistant style",
+]
+
+
+def word_vocab(specials: list[str]) -> dict[str, int]:
+    words = sorted({w for line in CORPUS for w in line.split()})
+    return {tok: i for i, tok in enumerate(specials + words)}
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """An uncased WordPiece tokenizer with BERT's special tokens."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(word_vocab(specials), unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+CHAT_WORDS = ["human", "assistant", "user", "system", ":", "?", "."]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def word_level_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """A GPT-2-like tokenizer (no chat template, one end-of-text token), or with `chat` a
+    SmolLM2-like one: ChatML special tokens and template, <|im_end|> as end of turn."""
+    specials = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = word_vocab(specials)
+    vocab.update({w: len(vocab) + i for i, w in enumerate(CHAT_WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if not chat:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+            unk_token="<unk>",
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    # len() of a word-level tokenizer can undercount its ids; the embedding must cover them all.
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+class Crash(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+@contextmanager
+def crash_at_step(step: int) -> Iterator[None]:
+    """Make the training run inside the block die right after optimizer step `step`."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == step:
+            raise Crash
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.StepTimer, "on_step_end", on_step_end)
+        with pytest.raises(Crash):
+            yield
+
+
+def bart_tokenizer() -> PreTrainedTokenizerFast:
+    """A BART-like word-level tokenizer: <s> text </s>, with BART's special token ids."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.WordLevel(word_vocab(specials), unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def dpr_config(tokenizer: PreTrainedTokenizerFast) -> DPRConfig:
+    return DPRConfig(vocab_size=vocab_size(tokenizer), **TINY_ENCODER)
+
+
+# Small enough for seconds of training: 9 passages of 9 words in 2 chunks each, 6 answers.
+TINY_RAG_PARAMS = {"chunk_words": 6, "chunk_overlap": 2, "max_length": 32, "top_k": 2}
+TINY_RAG_TRAINING = {"epochs": 2, "lr": 1e-3}
+
+
+def tiny_rag(train: dict | None = None, **overrides: object) -> dict:
+    """The `rag` section of a tiny run: TINY_RAG_PARAMS and its `train` section, overridden."""
+    return {
+        **TINY_RAG_PARAMS,
+        "max_new_tokens": 4,
+        **overrides,
+        "train": {**TINY_RAG_TRAINING, **(train or {})},
+    }
+
+
+def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2) -> int:
+    """Run the `rag` stage in `root` on tiny data: 9 passages, 6 questions of which `held_out`
+    are held out; `params` is written to root/params.yaml."""
+    words = CORPUS[0].split()
+    pretrain = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
+    records = [
+        {"question": f"what does the {w} do?", "answer": f"the {w} answers the question"}
+        for w in ["model", "retriever", "generator", "assistant", "passages", "context"]
+    ]
+    write_jsonl(root / "data/train.jsonl", records[: len(records) - held_out])
+    write_jsonl(root / "data/eval.jsonl", records[len(records) - held_out :])
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return rag.main(
+        [
+            f"--cpt={cpt}",
+            f"--sft={sft}",
+            f"--data={root / 'data'}",
+            f"--pretrain={root / 'pretrain.txt'}",
+            f"--output={root / 'output/rag'}",
+            f"--metrics={root / 'metrics/rag.json'}",
+            f"--plots={root / 'metrics/rag'}",
+            f"--predictions={root / 'metrics/rag_predictions.jsonl'}",
+            f"--params={root / 'params.yaml'}",
+            f"--timings={root / 'output/timings/rag.json'}",
+        ]
+    )
+
+
+def hub_cache_entry(cache: Path, repo_id: str, model_dir: Path, pickled: bool = False) -> Path:
+    """Lay out `model_dir` as the Hugging Face cache entry of `repo_id`, as `hf download` would
+    leave it; `pickled` turns its weights into a pytorch_model.bin only, like a hub model that
+    was never converted to safetensors. Returns the snapshot directory."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    if pickled:
+        weights = snapshot / "model.safetensors"
+        torch.save(load_file(weights), snapshot / "pytorch_model.bin")
+        weights.unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return snapshot
+
+
+# --- SFT ---------------------------------------------------------------------------------------
+
+PROMPTS = [f"what does the model learn {w} ?" for w in ["", "from context", "to predict", "tokens"]]
+
+
+def sft_records(n: int) -> list[dict[str, str]]:
+    return [
+        {"prompt": f"{PROMPTS[i % 4]} {'?' * (i // 4)}", "response": CORPUS[i % 3]}
+        for i in range(n)
+    ]
+
+
+def write_sft_project(tmp_path: Path, **overrides: object) -> Path:
+    """30 records (24 train, 6 held out) and params.yaml for the SFT stage in `tmp_path`."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = sft_records(30)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:]))
+    cfg = {
+        "max_length": 48,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "epochs": 8,
+        "eval_steps": 10,
+        "save_steps": 10,
+        "warmup_ratio": 0.0,
+        "max_new_tokens": 6,
+        "samples": 2,
+    }
+    cfg.update(overrides)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "sft": cfg}))
+    return tmp_path
+
+
+def sft_args(tmp_path: Path, base: Path) -> list[str]:
+    """The SFT stage's command-line arguments for a project written by `write_sft_project`."""
+    return [
+        f"--base={base}",
+        f"--data={tmp_path / 'data'}",
+        f"--output={tmp_path / 'out'}",
+        f"--metrics={tmp_path / 'sft.json'}",
+        f"--plots={tmp_path / 'plots'}",
+        f"--samples={tmp_path / 'samples.md'}",
+        f"--params={tmp_path / 'params.yaml'}",
+    ]
+
+
+def run_sft(tmp_path: Path, base: Path) -> int:
+    return sft.main(sft_args(tmp_path, base))
