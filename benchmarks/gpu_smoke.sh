@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pipeline's smoke profile (stages/smoke.py: every stage, a few steps each) on a CUDA GPU,
+# The pipeline's smoke profile (lmpipeline/smoke.py: every stage, a few steps each) on a CUDA GPU,
 # then each training stage's tokens/s and MFU from its timings file. A few minutes on one GPU.
 #
 #   bash benchmarks/gpu_smoke.sh [WORK_DIR]
@@ -19,7 +19,7 @@ print(f"gpu_smoke: {name}, torch {torch.__version__}, fp16: auto -> {precision}"
 PY
 
 work="${1:-$(mktemp -d -t pipeline-gpu-smoke-XXXX)}"
-python -m stages.smoke -S device=cuda --dir "$work" --keep
+python -m lmpipeline.smoke -S device=cuda --dir "$work" --keep
 
 python - "$work" <<'PY'
 import json
@@ -30,6 +30,6 @@ timings = Path(sys.argv[1]) / "output" / "timings"
 for stage in ("cpt", "sft", "rag"):
     record = json.loads((timings / f"{stage}.json").read_text(encoding="utf-8"))
     train = record.get("train", {})
-    figures = {k: train[k] for k in ("tokens", "tokens_per_s", "mfu", "s_per_step") if k in train}
+    figures = {k: train[k] for k in ("steps", "tokens", "tokens_per_s", "mfu") if k in train}
     print(f"gpu_smoke: {stage:<4} stage {record['stage_s']} s  {figures}")
 PY

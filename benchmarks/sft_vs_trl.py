@@ -26,10 +26,11 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from stages import sft
-from stages.data import read_jsonl
-from stages.params import SftParams, load_params
-from stages.training import score, training_args
+from lmpipeline import sft
+from lmpipeline.chat import ensure_chat_template
+from lmpipeline.data import read_jsonl
+from lmpipeline.params import SftParams, load_params
+from lmpipeline.training import score, training_args
 
 
 def held_out_loss(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -59,7 +60,7 @@ def run_trl(
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    sft.ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer)
     # Conversational prompt-completion records: TRL applies the chat template and, with
     # completion_only_loss, trains on the completion tokens only, as the stage does.
     data = Dataset.from_list(
@@ -113,7 +114,7 @@ def main() -> None:
     records = read_jsonl(args.data / "train.jsonl")
     records = records[: args.limit] if args.limit else records
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    sft.ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer)
     train, _ = sft.encode_all(tokenizer, records, cfg.max_length)
     held_out, _ = sft.encode_all(tokenizer, read_jsonl(args.data / "eval.jsonl"), cfg.max_length)
     batches = sft.eval_batches(held_out, cfg.batch_size, tokenizer.pad_token_id)
