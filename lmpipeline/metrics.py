@@ -1,5 +1,6 @@
 """The scores of the metrics files: perplexity, answer scores (SQuAD exact match and token F1,
-ROUGE-L) and retrieval scores (recall@k, MRR) over the rank of each question's gold entry."""
+ROUGE-L, and `supported`: how much of an answer the passages given hold) and retrieval scores
+(recall@k, MRR, nDCG@10) over the ranks of each question's gold entries."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from bm25s.stopwords import STOPWORDS_EN
 
 RECALL_KS = (1, 5, 10)
+NDCG_K = 10
 _PUNCTUATION = set(string.punctuation)
+_STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's English list, as BM25 uses
 
 
 def perplexity(loss: float) -> float:
@@ -53,6 +57,20 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 0.0 if lcs == 0 else 2 * lcs / (len(pred) + len(ref))
 
 
+def content_words(text: str) -> set[str]:
+    """The words of `text` that carry meaning: normalized as SQuAD does, without stopwords."""
+    return {w for w in normalize_answer(text).split() if w not in _STOPWORDS}
+
+
+def support(answer: str, passages: Sequence[str]) -> float:
+    """Share of the answer's content words that the passages hold (0 for an answer without
+    any): a non-LLM proxy for faithfulness, like RAGAS's non-LLM context metrics."""
+    words = content_words(answer)
+    if not words:
+        return 0.0
+    return len(words & set().union(*map(content_words, passages))) / len(words)
+
+
 def answer_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """SQuAD exact match and token F1, and ROUGE-L, averaged over the questions."""
     n = max(len(references), 1)
@@ -67,19 +85,44 @@ def answer_scores(answers: Sequence[str], references: Sequence[str]) -> dict[str
 # --- retrieval ---------------------------------------------------------------------------------
 
 
-def gold_ranks(ranked: np.ndarray, gold: Sequence[int]) -> np.ndarray:
-    """1-based rank of each question's gold entry in its ranking; 0 where it is not listed."""
-    hits = ranked == np.asarray(gold)[:, None]
-    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
+def gold_ranks(ranked: np.ndarray, golds: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """For each question, the 1-based ranks of its gold entries in its ranking, best first,
+    then 0 for each gold entry the ranking does not list."""
+    out = []
+    for row, gold in zip(ranked, golds, strict=True):
+        found = np.flatnonzero(np.isin(row, list(gold))) + 1
+        out.append(np.concatenate([found, np.zeros(len(gold) - len(found), dtype=np.int64)]))
+    return out
 
 
-def recall_at(ranks: np.ndarray, k: int) -> float:
-    return float(((ranks > 0) & (ranks <= k)).mean()) if len(ranks) else 0.0
+def first_ranks(ranks: Sequence[np.ndarray]) -> np.ndarray:
+    """The rank of each question's best-ranked gold entry; 0 where none is listed."""
+    return np.array([r[0] if len(r) else 0 for r in ranks], dtype=np.int64)
 
 
-def retrieval_scores(ranks: np.ndarray) -> dict[str, float]:
-    """recall@1/5/10 and mean reciprocal rank (0 for a gold entry not retrieved at all)."""
+def recall_at(ranks: Sequence[np.ndarray], k: int) -> float:
+    """Share of the questions with at least one gold entry in the top `k`."""
+    first = first_ranks(ranks)
+    return float(((first > 0) & (first <= k)).mean()) if len(first) else 0.0
+
+
+def ndcg_at(ranks: Sequence[np.ndarray], k: int) -> float:
+    """Mean nDCG@k with binary relevance: each gold entry in the top k gains 1/log2(rank + 1),
+    over the best a question's number of golds allows."""
+    scores = []
+    for r in ranks:
+        listed = r[(r > 0) & (r <= k)]
+        ideal = np.sum(1.0 / np.log2(np.arange(2, min(len(r), k) + 2)))
+        scores.append(float(np.sum(1.0 / np.log2(listed + 1)) / ideal) if ideal else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def retrieval_scores(ranks: Sequence[np.ndarray]) -> dict[str, float]:
+    """recall@1/5/10, mean reciprocal rank of the first gold entry (0 where none is retrieved)
+    and nDCG@10."""
     scores = {f"recall@{k}": round(recall_at(ranks, k), 6) for k in RECALL_KS}
-    reciprocal = np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0)
-    scores["mrr"] = round(float(reciprocal.mean()) if len(ranks) else 0.0, 6)
+    first = first_ranks(ranks)
+    reciprocal = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
+    scores["mrr"] = round(float(reciprocal.mean()) if len(first) else 0.0, 6)
+    scores[f"ndcg@{NDCG_K}"] = round(ndcg_at(ranks, NDCG_K), 6)
     return scores

@@ -211,8 +211,8 @@ class RagParams:
     """Words per knowledge-base chunk of a pretrain passage."""
     chunk_overlap: int = 20
     """Words shared by neighbouring chunks of one passage."""
-    answer_context: bool = True
-    """Answer entries carry the pretrain sentence that states them."""
+    faq: bool = False
+    """Add each *train* question with its answer as an entry (FAQ style); held-out ones never."""
     max_length: int = 256
     """Encoder tokens per question or entry; longer ones are truncated."""
     retriever: str = "dense"

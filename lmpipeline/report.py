@@ -45,16 +45,26 @@ def sft_rows(m: dict[str, Any]) -> list[Row]:
 
 
 def rag_rows(m: dict[str, Any]) -> list[Row]:
-    retrieval, answers = m["retrieval"], m["answers"]
+    retrieval, answers, questions = m["retrieval"], m["answers"], m["questions"]
     recall = ", ".join(f"{name} {s['recall@5']:.3f}" for name, s in retrieval.items())
+    closed, rag = answers["closed_book"], answers["rag"]
     return [
-        ("rag", "recall@5", recall),
-        ("rag", "MRR (fine-tuned)", f"{retrieval['finetuned']['mrr']:.3f}"),
         (
             "rag",
-            "answer F1",
-            f"closed-book {answers['closed_book']['f1']:.3f}"
-            f" → with passages {answers['rag']['f1']:.3f}",
+            "held-out questions",
+            f"{questions['held_out']} ({questions['not_in_corpus']} not in corpus)",
+        ),
+        ("rag", "recall@5", recall),
+        (
+            "rag",
+            "MRR, nDCG@10 (fine-tuned)",
+            f"{retrieval['finetuned']['mrr']:.3f}, {retrieval['finetuned']['ndcg@10']:.3f}",
+        ),
+        ("rag", "answer F1", f"closed-book {closed['f1']:.3f} → with passages {rag['f1']:.3f}"),
+        (
+            "rag",
+            "answer supported",
+            f"closed-book {closed['supported']:.3f} → with passages {rag['supported']:.3f}",
         ),
     ]
 

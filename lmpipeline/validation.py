@@ -298,7 +298,7 @@ def write_outputs(frame: pd.DataFrame, ds: Dataset, output: Path) -> None:
     if not ds.jsonl:
         write_text_atomic(output, "".join(t + "\n" for t in frame["text"]))
         return
-    fields = list(ds.fields)
+    fields = [*ds.fields, *(["gold"] if "gold" in frame else [])]  # rag: each question's golds
     for name, rows in (("train", frame[~frame["eval"]]), ("eval", frame[frame["eval"]])):
         write_jsonl(output / f"{name}.jsonl", rows[fields].to_dict(orient="records"))
 

@@ -69,19 +69,29 @@ def run(params: Params, paths: RagPaths) -> StageResult | None:
             f"{paths.data}: {len(train)} train and {len(held_out)} held-out questions; both are"
             " needed (fine-tuning, and every score): add questions to data/rag.jsonl"
         )
+    cfg = params.rag
     kb = knowledge_base(
-        read_passages(paths.pretrain), [r["answer"] for r in train + held_out], params.rag
+        read_passages(paths.pretrain), train, cfg.chunk_words, cfg.chunk_overlap, cfg.faq
     )
-    n_answers = len(kb.answer_entry)
+    train_q = kb.questions(train, paths.data / "train.jsonl")
+    held_q = kb.questions(held_out, paths.data / "eval.jsonl")
+    stated = len(held_q.in_corpus().records)
+    if not stated or (cfg.backend == "cpt-sft" and not train_q.in_corpus().records):
+        raise StageError(
+            f"{paths.data}: no chunk of {paths.pretrain} states the answer of any"
+            f" {'held-out' if not stated else 'train'} question, so retrieval has nothing to"
+            " find: the passages must hold what the answers say"
+        )
+    faq = len(train) if cfg.faq else 0
     print(
-        f"rag: {len(kb.entries)} entries ({len(kb.entries) - n_answers} passage chunks,"
-        f" {n_answers} answers); {len(train)} train / {len(held_out)} held-out"
-        f" questions; {device} ({mode or 'fp32'})"
+        f"rag: {len(kb.entries)} entries ({len(kb.entries) - faq} passage chunks, {faq} FAQ);"
+        f" {len(train)} train / {len(held_out)} held-out questions, {len(held_out) - stated}"
+        f" of them not in corpus; {device} ({mode or 'fp32'})"
     )
     backend = backend_for(params, paths, kb, device)
     inputs = [paths.data / "train.jsonl", paths.pretrain]  # what a resumed run must share
     outputs = Outputs(paths.output, paths.plots, paths.predictions)
-    return build(backend, kb, train, held_out, params, inputs, outputs, device, mode)
+    return build(backend, kb, train_q, held_q, params, inputs, outputs, device, mode)
 
 
 def main(argv: list[str] | None = None) -> int:

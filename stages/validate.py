@@ -1,9 +1,13 @@
 """Stages `validate_pretrain`, `validate_sft` and `validate_rag`: check one data file with its Great
 Expectations suite and, only if it passes, write it in canonical form (split into train and eval
-for prompt/response data).
+for prompt/response data). Each validated RAG question also gets its gold entries: the chunks of
+the validated passages that state its answer (`lmpipeline.rag.knowledge` has the rule).
 
     python -m stages.validate sft --input data/sft.jsonl --output output/data/sft \
         --metrics metrics/validate/sft.json --report metrics/validate/sft.md
+    python -m stages.validate rag --input data/rag.jsonl --output output/data/rag \
+        --passages output/data/pretrain.txt --metrics metrics/validate/rag.json \
+        --report metrics/validate/rag.md
 
 The suites and the split are in `lmpipeline.validation`.
 """
@@ -14,10 +18,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from lmpipeline import stage
-from lmpipeline.data import write_text_atomic
+from lmpipeline.data import read_passages, write_text_atomic
+from lmpipeline.errors import StageError
 from lmpipeline.params import Params
+from lmpipeline.rag.knowledge import gold_chunks, passage_chunks
 from lmpipeline.validation import DATASETS, render_report, validate_file, write_outputs
 
 
@@ -33,15 +42,39 @@ class ValidatePaths:
     """Counts, as JSON (a DVC metric)."""
     report: Path
     """Every expectation and its result, as Markdown."""
+    passages: Path | None = None
+    """rag: the validated passages (output of validate_pretrain), whose chunks state answers."""
 
     @property
     def stage(self) -> str:
         return f"validate_{self.dataset}"
 
 
+def add_golds(frame: pd.DataFrame, passages: Path | None, params: Params) -> dict[str, Any]:
+    """Give each question its gold chunk ids (column `gold`); return the counts per split."""
+    if passages is None or not passages.is_file():
+        raise StageError(
+            f"--passages {passages}: the validated passages are needed to find the chunks that"
+            " state each answer: run `dvc repro validate_pretrain` first"
+        )
+    cfg, texts = params.rag, read_passages(passages)
+    chunks = passage_chunks(texts, cfg.chunk_words, cfg.chunk_overlap)
+    frame["gold"] = gold_chunks(frame["answer"].tolist(), chunks, texts)
+    stated = frame["gold"].map(bool)
+    return {
+        split: {
+            "in_corpus": int((stated & rows).sum()),
+            "not_in_corpus": int((~stated & rows).sum()),
+        }
+        for split, rows in (("train", ~frame["eval"]), ("eval", frame["eval"]))
+    }
+
+
 def run(params: Params, paths: ValidatePaths) -> None:
     ds = DATASETS[paths.dataset]
     frame, metrics, result = validate_file(paths.input, ds, params)
+    if ds.name == "rag":
+        metrics["gold"] = add_golds(frame, paths.passages, params)
     write_outputs(frame, ds, paths.output)
     write_text_atomic(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, result, metrics))

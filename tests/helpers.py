@@ -19,6 +19,8 @@ from transformers import DPRConfig, PreTrainedTokenizerFast
 
 from lmpipeline import training
 from lmpipeline.data import write_jsonl
+from lmpipeline.params import RagParams
+from lmpipeline.rag import knowledge
 from lmpipeline.testing import TINY_ENCODER
 from stages import rag, sft
 
@@ -150,16 +152,35 @@ def tiny_rag(train: dict | None = None, **overrides: object) -> dict:
     }
 
 
-def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2) -> int:
-    """Run the `rag` stage in `root` on tiny data: 9 passages, 6 questions of which `held_out`
-    are held out; `params` is written to root/params.yaml."""
+# The tiny RAG questions: the answers of all but the last are phrases of the passages; the last
+# one's answer no passage states (not in corpus), and it is always held out.
+RAG_RECORDS = [
+    {"question": "what does the model do?", "answer": "the model learns"},
+    {"question": "what is predicted?", "answer": "masked tokens"},
+    {"question": "what does it learn to do?", "answer": "learns to predict"},
+    {"question": "which tokens?", "answer": "predict masked tokens"},
+    {"question": "where do the tokens come from?", "answer": "tokens from context"},
+    {"question": "what does the generator do?", "answer": "the generator answers the question"},
+]
+NOT_IN_CORPUS = RAG_RECORDS[-1]["answer"]
+
+
+def tiny_passages() -> list[str]:
+    """9 passages of 9 words: the rotations of CORPUS[0]."""
     words = CORPUS[0].split()
-    pretrain = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    return [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+
+
+def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2) -> int:
+    """Run the `rag` stage in `root` on tiny data: 9 passages, the 6 RAG_RECORDS of which the
+    last `held_out` are held out, their golds found by validate_rag's rule; `params` is written
+    to root/params.yaml."""
+    pretrain = tiny_passages()
     (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
-    records = [
-        {"question": f"what does the {w} do?", "answer": f"the {w} answers the question"}
-        for w in ["model", "retriever", "generator", "assistant", "passages", "context"]
-    ]
+    cfg = RagParams(**{k: v for k, v in params.get("rag", {}).items() if k.startswith("chunk")})
+    chunks = knowledge.passage_chunks(pretrain, cfg.chunk_words, cfg.chunk_overlap)
+    golds = knowledge.gold_chunks([r["answer"] for r in RAG_RECORDS], chunks, pretrain)
+    records = [{**r, "gold": g} for r, g in zip(RAG_RECORDS, golds, strict=True)]
     write_jsonl(root / "data/train.jsonl", records[: len(records) - held_out])
     write_jsonl(root / "data/eval.jsonl", records[len(records) - held_out :])
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

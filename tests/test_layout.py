@@ -70,7 +70,15 @@ def test_package_inits_hold_only_their_docstring() -> None:
 LAYERS = [
     ["errors", "params", "data", "runtime", "metrics"],
     ["models", "chat", "stage", "report", "docs", "smoke", "testing"],
-    ["rag.knowledge", "rag.index", "rag.system", "rag.cpt_sft", "rag.rag_sequence", "rag.ask"],
+    [
+        "rag.lexical",
+        "rag.knowledge",
+        "rag.index",
+        "rag.system",
+        "rag.cpt_sft",
+        "rag.rag_sequence",
+        "rag.ask",
+    ],
     ["training"],
     ["cpt", "sft", "validation"],
     ["rag.evaluation", "rag.backend", "rag.cpt_sft_train", "rag.rag_sequence_train"],

@@ -136,7 +136,7 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert set(json.loads((repo / "metrics/sft.json").read_text())) == {"base", "final", "train"}
     assert (repo / "output/sft/model.safetensors").is_file()
     metrics = json.loads((repo / "metrics/rag.json").read_text())
-    assert set(metrics) == {"retrieval", "answers", "index", "train"}
+    assert set(metrics) == {"questions", "retrieval", "answers", "index", "train"}
     assert (repo / "output/rag/index.faiss").is_file()
     for stage in ("cpt", "sft", "rag"):  # speed is reported beside the outputs, not hashed
         assert (
@@ -160,6 +160,7 @@ def test_dag_shows_every_stage(repo: Path) -> None:
         ("validate_sft", "sft"),
         ("sft_base", "sft"),
         ("validate_pretrain", "rag"),
+        ("validate_pretrain", "validate_rag"),  # the golds are chunks of the passages
         ("validate_rag", "rag"),
         ("cpt", "rag"),
         ("sft", "rag"),
@@ -181,6 +182,7 @@ def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path)
         ("sft.lr=3e-5", {"sft", "rag"}),
         ("cpt.mlm_probability=0.2", {"cpt", "rag"}),
         ("rag.top_k=2", {"rag"}),
+        ("rag.chunk_words=50", {"validate_rag", "rag"}),  # new chunks, new golds
     ],
 )
 def test_exp_run_reruns_only_the_stages_a_param_reaches(
@@ -286,7 +288,13 @@ def test_editing_pretrain_data_does_not_rerun_sft(repo: Path) -> None:
     with (repo / "data/pretrain.txt").open("a", encoding="utf-8") as f:
         f.write("One more passage of domain text about masked language models and retrieval.\n")
     try:
-        assert ran(sh(repo, "dvc", "repro")) == {"validate_pretrain", "cpt", "rag", "report"}
+        assert ran(sh(repo, "dvc", "repro")) == {
+            "validate_pretrain",
+            "validate_rag",
+            "cpt",
+            "rag",
+            "report",
+        }
     finally:
         restore(repo)
 

@@ -18,7 +18,14 @@ from lmpipeline.rag.index import pooled
 from lmpipeline.rag.knowledge import Entry
 from lmpipeline.rag.system import Hit, SystemConfig
 from lmpipeline.training import train_resumable
-from tests.helpers import PASSAGES, build_rag, crash_at_step, tiny_rag, word_level_tokenizer
+from tests.helpers import (
+    NOT_IN_CORPUS,
+    PASSAGES,
+    build_rag,
+    crash_at_step,
+    tiny_rag,
+    word_level_tokenizer,
+)
 
 
 def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
@@ -29,7 +36,7 @@ def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
         Entry("a2", "masked tokens"),
     ]
     collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
-    shared = collate([("what answers", 0), ("who answers", 0), ("what is masked", 1)])
+    shared = collate([("what answers", (0,)), ("who answers", (0,)), ("what is masked", (1,))])
     parts = cpt_sft_train.contrastive_loss(encoder, shared)
     assert int(parts.predicted) == 3
     assert torch.isfinite(parts.loss_sum)
@@ -74,7 +81,7 @@ def test_retriever_fine_tuning_resumes_exactly_after_a_crash(
     monkeypatch.chdir(tmp_path)  # checkpoints/ lands here
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     entries = [Entry(f"a{i}", line) for i, line in enumerate(PASSAGES * 3)]
-    pairs = [(f"question {i} about {e.text[:20]}", i) for i, e in enumerate(entries)]
+    pairs = [(f"question {i} about {e.text[:20]}", (i,)) for i, e in enumerate(entries)]
     cfg = RagTrainingParams(epochs=5, batch_size=2, lr=1e-3)  # 15 steps
 
     def train(checkpoints: str) -> dict[str, torch.Tensor]:
@@ -123,15 +130,18 @@ def test_metrics_have_every_key_of_the_spec(built: tuple[Path, dict]) -> None:
     root, metrics = built
     assert set(metrics["retrieval"]) == {"base", "cpt", "finetuned", "bm25", "hybrid"}
     for scores in metrics["retrieval"].values():
-        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr"}
+        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}
         assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
-    assert set(metrics["answers"]) == {"closed_book", "rag"}
-    assert set(metrics["answers"]["rag"]) == {"em", "f1", "rougeL"}
+    # The last held-out answer is stated by no passage: counted, and its answers scored apart.
+    assert metrics["questions"] == {"held_out": 2, "in_corpus": 1, "not_in_corpus": 1}
+    assert set(metrics["answers"]) == {"closed_book", "rag", "not_in_corpus"}
+    assert set(metrics["answers"]["rag"]) == {"em", "f1", "rougeL", "supported"}
+    assert metrics["answers"]["not_in_corpus"]["questions"] == 1
     latency = json.loads((root / "output/timings/rag.json").read_text())["latency"]
     assert set(latency) == {"embed_passages_per_s", "retrieve_ms_p50", "answer_ms_p50"}
     assert latency["answer_ms_p50"] > 0
-    # 9 passages of 9 words in chunks of 6 overlapping by 2: 2 chunks each; 6 distinct answers.
-    assert metrics["index"] == {"entries": 9 * 2 + 6, "dim": 32, "type": "flat"}
+    # 9 passages of 9 words in chunks of 6 overlapping by 2: 2 chunks each, and nothing else.
+    assert metrics["index"] == {"entries": 9 * 2, "dim": 32, "type": "flat"}
 
 
 def test_outputs_hold_a_loadable_system_and_readable_predictions(built: tuple[Path, dict]) -> None:
@@ -150,8 +160,12 @@ def test_outputs_hold_a_loadable_system_and_readable_predictions(built: tuple[Pa
     predictions = [json.loads(line) for line in (root / "metrics/rag_predictions.jsonl").open()]
     assert len(predictions) == 2
     first = predictions[0]
-    assert first["question"] == "what does the passages do?"
-    assert first["gold"].startswith("a")
+    assert first["question"] == "where do the tokens come from?"
+    assert first["gold"] and all(g.startswith("p") for g in first["gold"])
+    assert predictions[1]["gold"] == []  # not in corpus
+    for p in predictions:
+        for mode in ("closed_book", "rag"):
+            assert 0.0 <= p[mode]["supported"] <= 1.0
     assert len(first["rag"]["passages"]) == 2 and {"id", "score", "text"} <= set(
         first["rag"]["passages"][0]
     )
@@ -178,6 +192,35 @@ def test_ask_answers_from_the_output_directory_alone(
     assert answer.text in printed
     for hit in answer.passages:
         assert f"[{hit.entry.id}]" in printed
+
+
+def test_no_held_out_answer_is_retrievable_even_with_train_faq_entries(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
+    params = {
+        "cpt": {"model": str(tiny_bert_dir)},
+        "rag": tiny_rag(train={"batch_size": 2, "epochs": 1}, faq=True),
+    }
+    assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir) == 0
+    entries = [json.loads(line) for line in (tmp_path / "output/rag/passages.jsonl").open()]
+    held_out = [json.loads(line) for line in (tmp_path / "data/eval.jsonl").open()]
+    train = [json.loads(line) for line in (tmp_path / "data/train.jsonl").open()]
+    # Train questions are FAQ entries; no held-out question or answer is an entry, and the
+    # answer that no passage states appears in no entry at all.
+    assert [e["text"] for e in entries if e["id"].startswith("f")] == [
+        f"{r['question']} {r['answer']}" for r in train
+    ]
+    texts = [e["text"] for e in entries]
+    assert not any(r["question"] in t for r in held_out for t in texts)
+    assert not any(NOT_IN_CORPUS in t for t in texts)
+    # What the saved system retrieves at evaluation time is exactly those entries.
+    system = ask.load_system(tmp_path / "output/rag", "cpu")
+    for r in held_out:
+        found = {h.entry.id for h in system.retrieve(r["question"], k=len(entries))}
+        assert found <= {e["id"] for e in entries}
+        assert not any(NOT_IN_CORPUS in h.entry.text for h in system.retrieve(r["question"], 50))
+    predictions = [json.loads(line) for line in (tmp_path / "metrics/rag_predictions.jsonl").open()]
+    assert all(NOT_IN_CORPUS not in p["text"] for r in predictions for p in r["rag"]["passages"])
 
 
 def test_ask_without_a_built_system_says_how_to_build_it(

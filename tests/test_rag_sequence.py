@@ -52,16 +52,20 @@ def built(
 
 def test_metrics_have_the_default_backends_structure(built: tuple[Path, dict]) -> None:
     root, metrics = built
-    assert set(metrics) == {"retrieval", "answers", "index", "train"}
+    assert set(metrics) == {"questions", "retrieval", "answers", "index", "train"}
+    assert metrics["questions"] == {"held_out": 2, "in_corpus": 1, "not_in_corpus": 1}
     assert set(metrics["retrieval"]) == {"base", "finetuned", "bm25", "hybrid"}
     for scores in metrics["retrieval"].values():
-        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr"}
+        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}
         assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
+    scores = {"em", "f1", "rougeL", "supported"}
     assert {k: set(v) for k, v in metrics["answers"].items()} == {
-        "closed_book": {"em", "f1", "rougeL"},
-        "rag": {"em", "f1", "rougeL"},
+        "closed_book": scores,
+        "rag": scores,
+        "not_in_corpus": {"questions", "closed_book", "rag"},
     }
-    assert metrics["index"] == {"entries": 9 * 2 + 6, "dim": 32, "type": "flat"}
+    # The same knowledge base as the default backend: the passages' chunks and nothing else.
+    assert metrics["index"] == {"entries": 9 * 2, "dim": 32, "type": "flat"}
     assert np.isfinite(metrics["train"]["eval_loss"])
     timings = json.loads((root / "output/timings/rag.json").read_text())
     assert timings["train"]["steps"] == 6  # 4 questions, batch 2, 3 epochs
@@ -93,7 +97,7 @@ def test_index_holds_the_context_encoders_vectors_of_every_entry(
     out = root / "output/rag"
     entries = [json.loads(line) for line in (out / "passages.jsonl").open()]
     index = faiss.read_index(str(out / "index.faiss"))
-    assert index.ntotal == len(entries) == 24
+    assert index.ntotal == len(entries) == 18
     encoder = DPRContextEncoder.from_pretrained(tiny_dpr_ctx_dir).eval()
     tokens = AutoTokenizer.from_pretrained(tiny_dpr_ctx_dir)(
         entries[5]["text"], return_tensors="pt"

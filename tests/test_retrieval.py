@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from lmpipeline import metrics
-from lmpipeline.params import RagParams
-from lmpipeline.rag import index, knowledge
+from lmpipeline.rag import index, knowledge, lexical
 from tests.helpers import PASSAGES
 
 
@@ -23,37 +22,64 @@ def test_chunks_overlap_and_every_chunk_adds_words() -> None:
     assert knowledge.chunk_words(" ".join("abcdefg"), size=4, overlap=1) == ["a b c d", "d e f g"]
 
 
-def test_knowledge_base_has_chunks_then_distinct_answers_as_gold() -> None:
-    cfg = RagParams(chunk_words=5, chunk_overlap=2, answer_context=False)
-    kb = knowledge.knowledge_base(
-        PASSAGES, ["the generator", "masked tokens", "the generator "], cfg
-    )
+def test_knowledge_base_is_the_chunks_then_train_faq_entries_only() -> None:
+    train = [{"question": "q?", "answer": "masked tokens", "gold": []}]
+    kb = knowledge.knowledge_base(PASSAGES, train, size=5, overlap=2, faq=False)
     ids = [e.id for e in kb.entries]
-    assert ids[:3] == ["p1.0", "p1.1", "p1.2"]
-    assert ids[-2:] == ["a1", "a2"]  # the repeated answer has one entry
-    records = [
-        {"question": "q?", "answer": "masked tokens"},
-        {"question": "r?", "answer": "the generator"},
-    ]
-    assert [kb.entries[g].id for g in kb.gold(records)] == ["a2", "a1"]
+    assert ids[:3] == ["p1.0", "p1.1", "p1.2"] and all(i.startswith("p") for i in ids)
+    with_faq = knowledge.knowledge_base(PASSAGES, train, size=5, overlap=2, faq=True)
+    assert with_faq.entries[-1] == knowledge.Entry("f1", "q? masked tokens")
+    assert with_faq.entries[: len(ids)] == kb.entries
 
 
-def test_answer_context_is_the_sentence_that_states_the_answer() -> None:
-    cfg = RagParams(chunk_words=50, chunk_overlap=5)
-    kb = knowledge.knowledge_base(PASSAGES, ["The assistant style.", "zzz unknown"], cfg)
-    stated, unknown = kb.entries[-2:]
-    assert stated.text == "The assistant style. — Fine tuning teaches the assistant style"
-    assert unknown.text == "zzz unknown"  # no sentence shares a word: no context
+GOLD_PASSAGES = [
+    "The Adam optimizer keeps two moments. Its default learning rate is 0.001 in PyTorch.",
+    "Dropout zeroes activations at random during training. It was introduced in 2014.",
+    "Adam and its default learning rate of 0.001 are used in many tutorials.",
+]
 
 
-def test_recall_and_mrr_on_known_rankings() -> None:
+def golds(answers: list[str], size: int = 50, overlap: int = 5) -> list[list[str]]:
+    chunks = knowledge.passage_chunks(GOLD_PASSAGES, size, overlap)
+    return knowledge.gold_chunks(answers, chunks, GOLD_PASSAGES)
+
+
+def test_gold_is_every_chunk_holding_the_answer_phrase() -> None:
+    # Case, punctuation and articles do not matter (SQuAD normalization), as for scoring.
+    assert golds(["0.001", "In 2014."]) == [["p1.0", "p3.0"], ["p2.0"]]
+
+
+def test_gold_falls_back_to_the_chunk_of_the_sentence_stating_the_answer() -> None:
+    # Not a phrase of any passage, but one sentence holds most of its content words.
+    assert golds(["Dropout zeroes random activations while training."]) == [["p2.0"]]
+    # Chunks of 6 words overlapping by 2 (words 1-6, 5-10, 9-14): the stating sentence, words
+    # 7-14 of passage 1, lies whole in no chunk; the one holding most of it (6 words) is gold.
+    assert golds(["default learning rate PyTorch"], size=6, overlap=2) == [["p1.2"]]
+
+
+def test_an_answer_no_sentence_states_has_no_gold() -> None:
+    # Shares a word with the corpus (Adam) but most of its content words are nowhere.
+    assert golds(["Adam was proposed by Kingma and Ba.", "the", "zzz"]) == [[], [], []]
+
+
+def test_recall_mrr_and_ndcg_with_several_golds() -> None:
     ranked = np.array([[3, 1, 2, 0], [0, 1, 2, 3], [1, 0, -1, -1]])
-    ranks = metrics.gold_ranks(ranked, [3, 2, 2])
-    assert ranks.tolist() == [1, 3, 0]  # gold 2 of the last query was not retrieved
+    ranks = metrics.gold_ranks(ranked, [[3], [2, 3], [2]])
+    assert [r.tolist() for r in ranks] == [[1], [3, 4], [0]]  # gold 2 of query 3 not retrieved
     scores = metrics.retrieval_scores(ranks)
     assert scores["recall@1"] == pytest.approx(1 / 3, abs=1e-6)
     assert scores["recall@5"] == pytest.approx(2 / 3, abs=1e-6)
     assert scores["mrr"] == pytest.approx((1 + 1 / 3 + 0) / 3, abs=1e-6)
+    # Query 2: golds at 3 and 4 of an ideal 1 and 2.
+    second = (1 / np.log2(4) + 1 / np.log2(5)) / (1 + 1 / np.log2(3))
+    assert scores["ndcg@10"] == pytest.approx((1 + second + 0) / 3, abs=1e-6)
+
+
+def test_support_is_the_share_of_answer_content_words_in_the_passages() -> None:
+    passages = ["The learning rate is 0.001.", "Adam keeps moments."]
+    assert metrics.support("Adam's learning rate: 0.001", passages) == pytest.approx(3 / 4)
+    assert metrics.support("The rate of Adam", passages) == 1.0  # stopwords do not count
+    assert metrics.support("", passages) == 0.0 and metrics.support("rate", []) == 0.0
 
 
 def test_answer_scores_exact_match_f1_and_rouge() -> None:
@@ -92,17 +118,17 @@ def test_index_round_trip_finds_the_nearest_entry(kind: str, tmp_path: Path) -> 
 
 
 def test_bm25_ranks_the_entry_sharing_rare_words_first_and_lists_no_non_match() -> None:
-    bm25 = index.build_bm25([*PASSAGES, "an unrelated sentence about cooking"])
-    scores, ids = index.bm25_search(bm25, ["which retriever finds passages?", "cooking"], depth=3)
+    bm25 = lexical.build_bm25([*PASSAGES, "an unrelated sentence about cooking"])
+    scores, ids = lexical.bm25_search(bm25, ["which retriever finds passages?", "cooking"], depth=3)
     assert ids[:, 0].tolist() == [1, 2]
     assert scores[0, 0] > 0
     assert ids[1].tolist() == [2, -1, -1]  # only one entry mentions cooking
-    assert (index.bm25_search(bm25, ["qqq"], depth=3)[1] == -1).all()
+    assert (lexical.bm25_search(bm25, ["qqq"], depth=3)[1] == -1).all()
 
 
 def test_bm25_numbers_words_in_sorted_order_so_its_saved_index_is_reproducible() -> None:
     # bm25s's own numbering follows set order, which changes with each process's hash seed.
-    vocab = index.build_bm25(PASSAGES).vocab_dict
+    vocab = lexical.build_bm25(PASSAGES).vocab_dict
     words = [w for w in vocab if w]  # bm25s adds "" for words it has never seen
     assert len(words) > 10 and words == sorted(words)
     assert [vocab[w] for w in words] == list(range(len(words)))

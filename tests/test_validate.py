@@ -18,7 +18,13 @@ def jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-def run(tmp_path: Path, dataset: str, content: bytes, params: str = "seed: 3\n") -> int:
+def run(
+    tmp_path: Path,
+    dataset: str,
+    content: bytes,
+    params: str = "seed: 3\n",
+    extra: tuple[str, ...] = (),
+) -> int:
     (tmp_path / "params.yaml").write_text(params, encoding="utf-8")
     source = tmp_path / f"input.{'txt' if dataset == 'pretrain' else 'jsonl'}"
     source.write_bytes(content)
@@ -31,6 +37,7 @@ def run(tmp_path: Path, dataset: str, content: bytes, params: str = "seed: 3\n")
             f"--metrics={out / 'metrics.json'}",
             f"--report={out / 'report.md'}",
             f"--params={tmp_path / 'params.yaml'}",
+            *extra,
         ]
     )
 
@@ -153,3 +160,55 @@ def test_default_data_passes_with_the_repository_params(dataset: str, name: str)
     assert metrics["records"] >= minimum
     if dataset == "pretrain":
         assert metrics["words"] >= 30_000
+
+
+RAG_PASSAGES = [
+    "Adam keeps two moments of the gradient. Its default learning rate is 0.001.",
+    "Dropout was introduced in 2014 and zeroes activations at random.",
+]
+
+
+def rag_questions(n: int) -> list[dict[str, str]]:
+    answers = ["0.001", "In 2014.", "Two moments of the gradient.", "Nobody here knows this."]
+    return [{"question": f"Question number {i}?", "answer": answers[i % 4]} for i in range(n)]
+
+
+def test_rag_split_gains_golds_decided_from_the_answer_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    passages = tmp_path / "passages.txt"
+    passages.write_text("\n".join(RAG_PASSAGES) + "\n", encoding="utf-8")
+    params = "seed: 3\nrag: {eval_fraction: 0.25, chunk_words: 8, chunk_overlap: 2}\n"
+    assert run(tmp_path, "rag", jsonl(rag_questions(16)), params, (f"--passages={passages}",)) == 0
+    out = tmp_path / "out"
+    split = read_jsonl(out / "data/train.jsonl") + read_jsonl(out / "data/eval.jsonl")
+    expected = {
+        "0.001": ["p1.1"],  # words 7-14 of passage 1 (chunks of 8 overlapping by 2)
+        "In 2014.": ["p2.0"],
+        "Two moments of the gradient.": ["p1.0"],
+        "Nobody here knows this.": [],  # not in corpus
+    }
+    assert all(r["gold"] == expected[r["answer"]] for r in split)
+    metrics = json.loads((out / "metrics.json").read_text())
+    held_out = sum(
+        r["answer"] == "Nobody here knows this." for r in read_jsonl(out / "data/eval.jsonl")
+    )
+    assert metrics["gold"]["eval"]["not_in_corpus"] == held_out
+    assert metrics["gold"]["train"]["not_in_corpus"] + held_out == 4
+    # The question plays no part: rewording every question gives the same golds.
+    reworded = [{**r, "question": f"Reworded {r['question']}"} for r in rag_questions(16)]
+    assert run(tmp_path, "rag", jsonl(reworded), params, (f"--passages={passages}",)) == 0
+    again = read_jsonl(out / "data/train.jsonl") + read_jsonl(out / "data/eval.jsonl")
+    assert [r["gold"] for r in again] == [r["gold"] for r in split]
+
+
+def test_rag_without_validated_passages_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere.txt"
+    assert run(tmp_path, "rag", jsonl(rag_questions(8)), extra=(f"--passages={missing}",)) == 1
+    assert errors(capsys) == [
+        f"validate_rag: --passages {missing}: the validated passages are needed to find the chunks"
+        " that state each answer: run `dvc repro validate_pretrain` first"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,9 @@
 """Retrieval-augmented generation over the knowledge base (the `rag` stage and `rag-ask`).
 
 Answering, which `rag-ask` imports without any training code:
-    knowledge     the entries: passage chunks and answers (a question's gold), passages.jsonl
-    index         dense embeddings in FAISS, BM25, reciprocal-rank fusion
+    lexical       BM25 (bm25s): the lexical retriever, and the sentences that state an answer
+    knowledge     the entries (corpus chunks, optional train FAQ), the gold rule, passages.jsonl
+    index         dense embeddings in FAISS, reciprocal-rank fusion with BM25
     system        the `System` interface, config.json, hits and answers
     cpt_sft       the cpt-sft system: CPT retriever + SFT generator
     rag_sequence  the rag-sequence system: transformers' RagSequenceForGeneration

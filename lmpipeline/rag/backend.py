@@ -24,7 +24,7 @@ from lmpipeline.metrics import gold_ranks
 from lmpipeline.params import LaunchParams, Params, RagTrainingParams
 from lmpipeline.rag.evaluation import print_retrieval, score_system
 from lmpipeline.rag.index import lexical_ranks
-from lmpipeline.rag.knowledge import KnowledgeBase
+from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.system import System
 from lmpipeline.runtime import is_main_process
 from lmpipeline.stage import StageResult
@@ -39,7 +39,7 @@ from lmpipeline.training import (
     training_args,
 )
 
-Record = dict[str, str]
+Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Backend(Protocol):
         """Full rankings of the entries for `questions` before fine-tuning, by retriever name."""
         ...
 
-    def training(self, train: list[Record], held_out: list[Record]) -> Training:
+    def training(self, train: Questions, held_out: Questions) -> Training:
         """The loss and batches of fine-tuning on the train questions (held-out: eval loss)."""
         ...
 
@@ -136,8 +136,8 @@ def make_trainer(
 def build(
     backend: Backend,
     kb: KnowledgeBase,
-    train: list[Record],
-    held_out: list[Record],
+    train: Questions,
+    held_out: Questions,
     params: Params,
     inputs: Sequence[Path],
     outputs: Outputs,
@@ -146,11 +146,13 @@ def build(
 ) -> StageResult | None:
     """Fine-tune, rank, save and score a system; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which only fine-tune). `inputs` are the data files a
-    resumed run must share."""
+    resumed run must share. Retrieval is scored on the held-out questions whose answer a chunk
+    states; answers on every held-out question."""
     cfg = params.rag
-    questions, gold = [r["question"] for r in held_out], kb.gold(held_out)
+    scored = held_out.in_corpus()
+    questions, gold = scored.questions, scored.golds
     model = backend.load_model()
-    ranks: dict[str, np.ndarray] = {}
+    ranks: dict[str, list[np.ndarray]] = {}
     if is_main_process():  # the other ranks of a distributed run only fine-tune
         base = backend.base_ranks(model, questions)
         ranks.update({name: gold_ranks(ranked, gold) for name, ranked in base.items()})

@@ -19,8 +19,9 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmpipeline.chat import generate, load_causal_lm, load_chat_tokenizer, prompt_text
 from lmpipeline.errors import SetupError
-from lmpipeline.rag.index import CANDIDATES, bm25_search, embed, fuse, search
+from lmpipeline.rag.index import CANDIDATES, embed, fuse, search
 from lmpipeline.rag.knowledge import read_entries
+from lmpipeline.rag.lexical import bm25_search
 from lmpipeline.rag.system import INDEX_FILE, Answer, Hit, SystemConfig, hits
 from lmpipeline.runtime import resolve_device
 

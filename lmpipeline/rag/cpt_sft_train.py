@@ -1,6 +1,7 @@
 """Building the `cpt-sft` RAG system: the CPT encoder, mean-pooled and L2-normalized, fine-tuned
-DPR-style on the train questions (each question's gold entry is its positive, the other golds of
-the batch its negatives) and indexed with FAISS; the SFT model is its generator, untouched.
+DPR-style on the train questions (each question's first gold chunk is its positive, the other
+positives of the batch its negatives) and indexed with FAISS; the SFT model is its generator,
+untouched.
 
 Retrieval is ranked for the base encoder (`cpt.model`) and the CPT encoder as is before
 fine-tuning, and for the fine-tuned one after. The system it saves is `lmpipeline.rag.cpt_sft`.
@@ -24,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from lmpipeline.models import load_model, load_tokenizer, resolve_model
 from lmpipeline.params import Params
-from lmpipeline.rag.backend import Record, Training
+from lmpipeline.rag.backend import Training
 from lmpipeline.rag.cpt_sft import (
     BACKEND,
     BM25_DIR,
@@ -35,7 +36,7 @@ from lmpipeline.rag.cpt_sft import (
     CptSftSystem,
 )
 from lmpipeline.rag.index import build_index, embed, pooled, search
-from lmpipeline.rag.knowledge import Entry, KnowledgeBase, write_entries
+from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, write_entries
 from lmpipeline.rag.system import INDEX_FILE, System, SystemConfig
 from lmpipeline.training import LossParts
 
@@ -54,37 +55,47 @@ def load_encoder(path: Path | str, device: torch.device) -> PreTrainedModel:
 
 
 def contrastive_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> LossParts:
-    """In-batch-negatives cross-entropy (DPR): each question against every gold of the batch.
+    """In-batch-negatives cross-entropy (DPR): each question against every positive of the batch.
 
-    Two questions that share a gold entry would count it as each other's negative; those
-    off-diagonal pairs are masked out.
+    Another question's positive that is also one of this question's golds (a shared or second
+    gold chunk) would be counted as a negative; the collator's `not_negative` masks those out.
     """
     q = pooled(model, inputs["q_input_ids"], inputs["q_attention_mask"])
     p = pooled(model, inputs["p_input_ids"], inputs["p_attention_mask"])
-    gold = inputs["gold"]
-    same = (gold[:, None] == gold[None, :]) & ~torch.eye(len(gold), dtype=torch.bool).to(q.device)
-    logits = (SCALE * q @ p.T).masked_fill(same, float("-inf"))
-    targets = torch.arange(len(gold), device=q.device)
+    logits = (SCALE * q @ p.T).masked_fill(inputs["not_negative"].to(q.device), float("-inf"))
+    targets = torch.arange(len(q), device=q.device)
     return LossParts(
         loss_sum=F.cross_entropy(logits.float(), targets, reduction="sum"),
-        predicted=torch.tensor(len(gold)),
+        predicted=torch.tensor(len(q)),
         correct=(logits.argmax(-1) == targets).sum(),
     )
 
 
+Pair = tuple[str, tuple[int, ...]]  # a question and its gold entries
+
+
+def pairs(split: Questions) -> list[Pair]:
+    """(question, gold entries) of each question whose answer a chunk states."""
+    stated = split.in_corpus()
+    return [(q, tuple(g)) for q, g in zip(stated.questions, stated.golds, strict=True)]
+
+
 @dataclass(frozen=True)
 class PairCollator:
-    """Tokenizes (question, gold entry) pairs into the inputs of `contrastive_loss`."""
+    """Tokenizes (question, gold entries) pairs into the inputs of `contrastive_loss`: the first
+    gold is the question's positive."""
 
     tokenizer: PreTrainedTokenizerBase
     entries: Sequence[Entry]
     max_length: int
 
-    def __call__(self, pairs: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        batch: dict[str, torch.Tensor] = {"gold": torch.tensor([g for _, g in pairs])}
+    def __call__(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        positives = [golds[0] for _, golds in pairs]
+        not_negative = torch.tensor([[p in golds for p in positives] for _, golds in pairs])
+        batch = {"not_negative": not_negative & ~torch.eye(len(pairs), dtype=torch.bool)}
         for side, texts in (
             ("q", [q for q, _ in pairs]),
-            ("p", [self.entries[g].text for _, g in pairs]),
+            ("p", [self.entries[g].text for g in positives]),
         ):
             tokens = self.tokenizer(
                 texts,
@@ -121,12 +132,13 @@ class CptSftBackend:
         ranked["cpt"] = self.dense_ranks(model, self.tokenizer, questions, "cpt")[0]
         return ranked
 
-    def training(self, train: list[Record], held_out: list[Record]) -> Training:
+    def training(self, train: Questions, held_out: Questions) -> Training:
+        """Pairs of the questions whose answer a chunk states (the others have no positive)."""
         return Training(
             loss_fn=contrastive_loss,
             collator=PairCollator(self.tokenizer, self.kb.entries, self.cfg.max_length),
-            train=self._pairs(train),
-            held_out=self._pairs(held_out),
+            train=pairs(train),
+            held_out=pairs(held_out),
         )
 
     def checkpoint_inputs(self) -> list[Path]:
@@ -190,7 +202,3 @@ class CptSftBackend:
         index = build_index(vectors, cfg.index)
         queries = embed(encoder, tokenizer, questions, cfg.max_length, cfg.batch_size)
         return search(index, queries, len(texts))[1], index, per_second
-
-    def _pairs(self, records: list[Record]) -> list[tuple[str, int]]:
-        """(question, index of its gold entry) for each record."""
-        return list(zip([r["question"] for r in records], self.kb.gold(records), strict=True))

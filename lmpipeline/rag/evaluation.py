@@ -1,5 +1,6 @@
 """The scores of `metrics/rag.json`, whichever backend built the system: retrieval over the
-held-out questions, closed-book and retrieval-augmented answers through the system `ask` loads,
+held-out questions whose answer a chunk of the corpus states, closed-book and retrieval-augmented
+answers (EM, F1, ROUGE-L, supported) through the system `ask` loads for every held-out question,
 the latency of both, the recall@k curves and one prediction record per question."""
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import numpy as np
 from tqdm import tqdm
 
 from lmpipeline.data import write_jsonl, write_text_atomic
-from lmpipeline.metrics import answer_scores, recall_at, retrieval_scores, token_f1
+from lmpipeline.metrics import answer_scores, recall_at, retrieval_scores, support, token_f1
 from lmpipeline.params import RagParams
-from lmpipeline.rag.knowledge import Entry, KnowledgeBase
+from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions
 from lmpipeline.rag.system import Answer, System
 from lmpipeline.training import write_curves
 
 CURVE_DEPTH = 20  # recall@k is plotted for k = 1..CURVE_DEPTH
 
 
-def print_retrieval(ranks: dict[str, np.ndarray]) -> None:
+def print_retrieval(ranks: dict[str, list[np.ndarray]]) -> None:
     for name, r in ranks.items():
         print(
             f"rag: {name:<9} " + "  ".join(f"{k} {v:.3f}" for k, v in retrieval_scores(r).items())
@@ -34,17 +35,22 @@ def p50_ms(seconds: Sequence[float]) -> float:
 
 
 def prediction_record(
-    record: dict[str, str], gold: Entry, closed_book: str, answer: Answer
+    record: dict[str, Any], gold: list[Entry], closed_book: str, answer: Answer
 ) -> dict[str, Any]:
-    reference = record["answer"]
+    reference, given = record["answer"], [h.entry.text for h in answer.passages]
     return {
         "question": record["question"],
         "reference": reference,
-        "gold": gold.id,
-        "closed_book": {"answer": closed_book, "f1": round(token_f1(closed_book, reference), 4)},
+        "gold": [e.id for e in gold],  # [] = no chunk states the answer (not in corpus)
+        "closed_book": {
+            "answer": closed_book,
+            "f1": round(token_f1(closed_book, reference), 4),
+            "supported": round(support(closed_book, given), 4),
+        },
         "rag": {
             "answer": answer.text,
             "f1": round(token_f1(answer.text, reference), 4),
+            "supported": round(support(answer.text, given), 4),
             "passages": [
                 {"id": h.entry.id, "score": round(h.score, 4), "text": h.entry.text}
                 for h in answer.passages
@@ -53,20 +59,35 @@ def prediction_record(
     }
 
 
-def write_recall_curves(path: Path, ranks: dict[str, np.ndarray]) -> None:
+def write_recall_curves(path: Path, ranks: dict[str, list[np.ndarray]]) -> None:
     rows = ["k," + ",".join(ranks)]
     for k in range(1, CURVE_DEPTH + 1):
         rows.append(f"{k}," + ",".join(f"{recall_at(r, k):.6f}" for r in ranks.values()))
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
+def scores_of(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """EM / F1 / ROUGE-L and mean support of the closed-book and RAG answers of `records`
+    (prediction records). Both answers' support is measured against the passages the system
+    retrieved for the question: how much of each answer those passages hold."""
+    references = [r["reference"] for r in records]
+    out = {}
+    for mode in ("closed_book", "rag"):
+        answers = [r[mode] for r in records]
+        scores = answer_scores([a["answer"] for a in answers], references)
+        supported = sum(a["supported"] for a in answers) / max(len(answers), 1)
+        out[mode] = {**scores, "supported": round(supported, 6)}
+    return out
+
+
 def evaluate_answers(
-    system: System, kb: KnowledgeBase, eval_records: list[dict[str, str]], cfg: RagParams
-) -> tuple[dict[str, dict[str, float]], dict[str, float], list[dict[str, Any]]]:
-    """Closed-book and retrieval-augmented answers to the held-out questions: scores, latency
-    and one prediction record per question. RAG answers go through `system.ask`, one question
-    at a time, so they are what `ask` prints and their latency is what a user waits."""
-    questions = [r["question"] for r in eval_records]
+    system: System, kb: KnowledgeBase, held_out: Questions, cfg: RagParams
+) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+    """Closed-book and retrieval-augmented answers to every held-out question: scores (those
+    whose answer no chunk states also apart), latency and one prediction record per question.
+    RAG answers go through `system.ask`, one question at a time, so they are what `ask` prints
+    and their latency is what a user waits."""
+    questions = held_out.questions
     retrieve_s = []
     for q in questions:
         start = time.perf_counter()
@@ -78,27 +99,28 @@ def evaluate_answers(
         start = time.perf_counter()
         answered.append(system.ask(q))
         answer_s.append(time.perf_counter() - start)
-    references = [r["answer"] for r in eval_records]
-    scores = {
-        "closed_book": answer_scores(closed, references),
-        "rag": answer_scores([a.text for a in answered], references),
-    }
-    for name, s in scores.items():
-        print(f"rag: answers {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
-    latency = {"retrieve_ms_p50": p50_ms(retrieve_s), "answer_ms_p50": p50_ms(answer_s)}
     records = [
-        prediction_record(r, kb.entries[g], c, a)
-        for r, g, c, a in zip(eval_records, kb.gold(eval_records), closed, answered, strict=True)
+        prediction_record(r, [kb.entries[i] for i in g], c, a)
+        for r, g, c, a in zip(held_out.records, held_out.golds, closed, answered, strict=True)
     ]
+    scores: dict[str, Any] = scores_of(records)
+    unstated = [r for r in records if not r["gold"]]
+    if unstated:
+        scores["not_in_corpus"] = {"questions": len(unstated), **scores_of(unstated)}
+    for name in ("closed_book", "rag"):
+        print(
+            f"rag: answers {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in scores[name].items())
+        )
+    latency = {"retrieve_ms_p50": p50_ms(retrieve_s), "answer_ms_p50": p50_ms(answer_s)}
     return scores, latency, records
 
 
 def score_system(
     system: System,
     kb: KnowledgeBase,
-    eval_records: list[dict[str, str]],
+    held_out: Questions,
     cfg: RagParams,
-    ranks: dict[str, np.ndarray],
+    ranks: dict[str, list[np.ndarray]],
     log_history: list[dict[str, Any]],
     dim: int,
     plots: Path,
@@ -106,13 +128,20 @@ def score_system(
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The metrics of `metrics/rag.json` and the answer latency, whichever backend built
     `system`; writes the fine-tuning's loss curves (from its Trainer's `log_history`), the recall
-    curves and the per-question predictions."""
+    curves and the per-question predictions. Retrieval is scored on the held-out questions whose
+    answer a chunk states (`ranks`), answers on all of them."""
     write_curves(log_history, plots)
     write_recall_curves(plots / "recall.csv", ranks)
     eval_loss = [e["eval_loss"] for e in log_history if "eval_loss" in e]
-    answers, latency, records = evaluate_answers(system, kb, eval_records, cfg)
+    answers, latency, records = evaluate_answers(system, kb, held_out, cfg)
     write_jsonl(predictions, records)
+    stated = len(held_out.in_corpus().records)
     metrics = {
+        "questions": {
+            "held_out": len(held_out.records),
+            "in_corpus": stated,
+            "not_in_corpus": len(held_out.records) - stated,
+        },
         "retrieval": {name: retrieval_scores(r) for name, r in ranks.items()},
         "answers": answers,
         "index": {"entries": len(kb.entries), "dim": dim, "type": cfg.index},

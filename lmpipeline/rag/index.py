@@ -1,5 +1,5 @@
-"""Retrieval over the knowledge base: dense embeddings in a FAISS index, BM25, and reciprocal-rank
-fusion of the two (hybrid)."""
+"""Dense retrieval over the knowledge base: embeddings in a FAISS index, and reciprocal-rank fusion
+with BM25 (`lmpipeline.rag.lexical`) for the hybrid retriever."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 import bm25s
 import faiss
 import numpy as np
-import Stemmer
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmpipeline.rag.lexical import bm25_search, build_bm25
 
 RRF_K = 60  # the constant of Cormack et al. (2009): ranks beyond a few dozen barely count
 CANDIDATES = 50  # per retriever, fused by the hybrid when answering
@@ -90,36 +91,6 @@ def search(index: faiss.Index, queries: np.ndarray, depth: int) -> tuple[np.ndar
 
 
 # --- lexical and hybrid retrieval --------------------------------------------------------------
-
-_STEMMER = Stemmer.Stemmer("english")
-
-
-def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    return bm25s.tokenize(
-        list(texts), stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False
-    )
-
-
-def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
-    tokens = bm25_tokens(texts)
-    # Words numbered in sorted order: bm25s would number them in set order, which follows
-    # Python's per-process hash seed, and the saved index would differ from run to run.
-    vocab = {word: i for i, word in enumerate(sorted({w for doc in tokens for w in doc}))}
-    bm25 = bm25s.BM25()
-    ids = [[vocab[w] for w in doc] for doc in tokens]
-    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocab), show_progress=False)
-    return bm25
-
-
-def bm25_search(
-    bm25: bm25s.BM25, questions: Sequence[str], depth: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, entry indices) of the `depth` best entries per question; -1 where none matched."""
-    ids, scores = bm25.retrieve(
-        bm25_tokens(questions), k=min(depth, bm25.scores["num_docs"]), show_progress=False
-    )
-    # An entry sharing no word with the question scores 0: it was not found, whatever its rank.
-    return scores, np.where(scores > 0, ids, -1).astype(np.int64)
 
 
 def fuse(rankings: Sequence[np.ndarray], n_entries: int, depth: int) -> tuple[np.ndarray, ...]:

@@ -1,6 +1,23 @@
-"""The knowledge base of the `rag` stage: the validated pretrain passages cut into overlapping word
-chunks, plus every answer of the RAG data as its own entry (a question's gold entry), so that
-retrieval is scored the same way whichever backend ranks the entries."""
+"""The knowledge base of the `rag` stage and the rule that decides each question's gold entries.
+
+The entries are the validated pretrain passages cut into overlapping word chunks (`p<line>.<n>`),
+and, only with `rag.faq`, each *train* question with its answer (`f<n>`): a held-out question's
+answer is never an entry, so a held-out question is answered from the corpus as a deployed system
+would answer a new one.
+
+A question's gold entries are the chunks that state its answer, decided from the answer alone
+(never the question), so that retrieval is scored against what the corpus says:
+
+1. the chunks that contain the answer as a phrase, both normalized as SQuAD normalizes answers
+   (DPR's "has answer" rule for open-domain QA), if the answer has a content word;
+2. otherwise, of the `CANDIDATE_SENTENCES` sentences of the passages that BM25 ranks best for
+   the answer, the one holding the largest share of its content words (ties: the better BM25
+   score), if that share is at least `MIN_SUPPORT`; its gold entries are the chunks that hold
+   the whole sentence, or, for a sentence cut by chunk borders, those that hold most of it;
+3. otherwise none: the answer is "not in corpus", and the question is scored apart.
+
+`validate_rag` writes the golds into the validated split, where anyone can inspect them.
+"""
 
 from __future__ import annotations
 
@@ -8,62 +25,172 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+import bm25s
 
 from lmpipeline.data import read_jsonl, write_jsonl
-from lmpipeline.params import RagParams
-from lmpipeline.rag.index import bm25_search, build_bm25
+from lmpipeline.errors import StageError
+from lmpipeline.metrics import content_words, normalize_answer, support
+from lmpipeline.rag.lexical import bm25_search, build_bm25
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 PASSAGES_FILE = "passages.jsonl"  # the entries of a built system: one {"id", "text"} per line
+CANDIDATE_SENTENCES = 10
+MIN_SUPPORT = 0.5  # a sentence states an answer when it holds at least half its content words
+
+Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Entry:
-    id: str  # "p12.1": chunk 1 of line 12 of the pretrain text; "a7": answer 7
+    id: str  # "p12.1": chunk 1 of line 12 of the pretrain text; "f7": train question 7 (FAQ)
     text: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of a passage, and the words of the passage it covers: [start, end)."""
+
+    entry: Entry
+    line: int
+    start: int
+    end: int
+
+
+def chunk_spans(n_words: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows of `size` words, `overlap` shared by neighbours; each adds at least one new word."""
+    stride = size - overlap
+    return [(s, min(s + size, n_words)) for s in range(0, max(n_words - overlap, 1), stride)]
+
+
+def chunk_words(text: str, size: int, overlap: int) -> list[str]:
+    words = text.split()
+    return [" ".join(words[s:e]) for s, e in chunk_spans(len(words), size, overlap)]
+
+
+def passage_chunks(passages: Sequence[str], size: int, overlap: int) -> list[Chunk]:
+    """Every passage's chunks, numbered by the passage's line (1-based) and place in it."""
+    chunks = []
+    for line, passage in enumerate(passages, start=1):
+        words = passage.split()
+        for n, (s, e) in enumerate(chunk_spans(len(words), size, overlap)):
+            chunks.append(Chunk(Entry(f"p{line}.{n}", " ".join(words[s:e])), line, s, e))
+    return chunks
+
+
+# --- golds -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    line: int
+    start: int  # word span in its passage
+    end: int
+
+
+def sentences(passages: Sequence[str]) -> list[Sentence]:
+    out = []
+    for line, passage in enumerate(passages, start=1):
+        start = 0
+        for text in SENTENCE_END.split(passage.strip()):
+            n = len(text.split())
+            out.append(Sentence(text, line, start, start + n))
+            start += n
+    return out
+
+
+def holding(sentence: Sentence, chunks: Sequence[Chunk]) -> list[str]:
+    """The chunks that hold all of `sentence`, else those that hold the most of its words."""
+    overlap = {
+        c.entry.id: min(c.end, sentence.end) - max(c.start, sentence.start)
+        for c in chunks
+        if c.line == sentence.line
+    }
+    best = max(overlap.values(), default=0)
+    return [cid for cid, words in overlap.items() if words == best and words > 0]
+
+
+def gold_chunks(
+    answers: Sequence[str], chunks: Sequence[Chunk], passages: Sequence[str]
+) -> list[list[str]]:
+    """Each answer's gold chunk ids by the module's rule ([] where no chunk states it)."""
+    padded = [f" {normalize_answer(c.entry.text)} " for c in chunks]
+    pool = sentences(passages)
+    bm25 = build_bm25([s.text for s in pool]) if pool else None
+    golds: list[list[str]] = []
+    for answer in answers:
+        phrase = f" {normalize_answer(answer)} "
+        found = [c.entry.id for c, t in zip(chunks, padded, strict=True) if phrase in t]
+        if found and content_words(answer):
+            golds.append(found)
+            continue
+        golds.append(stating_chunks(answer, pool, bm25, chunks) if bm25 else [])
+    return golds
+
+
+def stating_chunks(
+    answer: str, pool: Sequence[Sentence], bm25: bm25s.BM25, chunks: Sequence[Chunk]
+) -> list[str]:
+    """Rule 2: the chunks holding the sentence that states `answer` ([] if none does)."""
+    ids = bm25_search(bm25, [answer], CANDIDATE_SENTENCES)[1]
+    candidates = [pool[i] for i in ids[0] if i >= 0]
+    if not candidates:
+        return []
+    best = max(candidates, key=lambda s: support(answer, [s.text]))  # first = better BM25
+    return holding(best, chunks) if support(answer, [best.text]) >= MIN_SUPPORT else []
+
+
+# --- the knowledge base ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Questions:
+    """Questions of one split and their gold entries (entry indices; [] where no chunk states
+    the answer: "not in corpus")."""
+
+    records: list[Record]
+    golds: list[list[int]]
+
+    def in_corpus(self) -> Questions:
+        kept = [n for n, g in enumerate(self.golds) if g]
+        return Questions([self.records[n] for n in kept], [self.golds[n] for n in kept])
+
+    @property
+    def questions(self) -> list[str]:
+        return [r["question"] for r in self.records]
 
 
 @dataclass(frozen=True)
 class KnowledgeBase:
     entries: list[Entry]
-    answer_entry: dict[str, int]  # answer text -> index of its entry (a question's gold)
+    position: dict[str, int]  # entry id -> its index in `entries` (and in the index)
 
-    def gold(self, records: Sequence[dict[str, str]]) -> list[int]:
-        return [self.answer_entry[r["answer"].strip()] for r in records]
-
-
-def chunk_words(text: str, size: int, overlap: int) -> list[str]:
-    """Windows of `size` words, `overlap` shared by neighbours; each adds at least one new word."""
-    words = text.split()
-    stride = size - overlap
-    return [" ".join(words[s : s + size]) for s in range(0, max(len(words) - overlap, 1), stride)]
-
-
-def stating_sentences(answers: Sequence[str], passages: Sequence[str]) -> list[str]:
-    """For each answer, the sentence of the passages that BM25 matches best to the answer alone
-    (never to its question), or "" when no sentence shares a word with it."""
-    pool = [s for p in passages for s in SENTENCE_END.split(p)]
-    scores, ids = bm25_search(build_bm25(pool), answers, 1)
-    return [pool[i] if score > 0 else "" for score, i in zip(scores[:, 0], ids[:, 0], strict=True)]
+    def questions(self, records: list[Record], source: Path) -> Questions:
+        """The records of a validated split with their gold entries (its `gold` ids)."""
+        golds = []
+        for n, record in enumerate(records, start=1):
+            ids = record.get("gold")
+            if not isinstance(ids, list) or any(i not in self.position for i in ids):
+                raise StageError(
+                    f"{source}:{n}: gold {ids!r} names no chunk of these passages and chunk"
+                    " params: validate the questions again (`dvc repro validate_rag`)"
+                )
+            golds.append([self.position[i] for i in ids])
+        return Questions(records, golds)
 
 
 def knowledge_base(
-    passages: Sequence[str], answers: Sequence[str], cfg: RagParams
+    passages: Sequence[str], train: Sequence[Record], size: int, overlap: int, faq: bool
 ) -> KnowledgeBase:
-    """Chunked passages, then each distinct answer once (two questions may share an answer),
-    with the sentence that states it as context when `cfg.answer_context` is on."""
-    entries = [
-        Entry(f"p{line}.{c}", text)
-        for line, passage in enumerate(passages, start=1)
-        for c, text in enumerate(chunk_words(passage, cfg.chunk_words, cfg.chunk_overlap))
-    ]
-    distinct = list(dict.fromkeys(a.strip() for a in answers))
-    contexts = stating_sentences(distinct, passages) if cfg.answer_context else [""] * len(distinct)
-    answer_entry = {}
-    for n, (answer, context) in enumerate(zip(distinct, contexts, strict=True), start=1):
-        answer_entry[answer] = len(entries)
-        entries.append(Entry(f"a{n}", f"{answer} — {context}" if context else answer))
-    return KnowledgeBase(entries, answer_entry)
+    """The passages' chunks, then (with `faq`) each train question and its answer."""
+    entries = [c.entry for c in passage_chunks(passages, size, overlap)]
+    if faq:
+        entries += [
+            Entry(f"f{n}", f"{r['question']} {r['answer']}") for n, r in enumerate(train, start=1)
+        ]
+    return KnowledgeBase(entries, {e.id: i for i, e in enumerate(entries)})
 
 
 def write_entries(directory: Path, entries: Iterable[Entry]) -> None:

@@ -23,9 +23,9 @@ from transformers import PreTrainedModel, RagSequenceForGeneration, RagTokenizer
 
 from lmpipeline.errors import SetupError
 from lmpipeline.params import RagParams
-from lmpipeline.rag.backend import Record, Training
+from lmpipeline.rag.backend import Training
 from lmpipeline.rag.index import build_index, search
-from lmpipeline.rag.knowledge import KnowledgeBase
+from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.rag_sequence import (
     BACKEND,
     MODEL_DIR,
@@ -121,12 +121,13 @@ class RagSequenceBackend:
     def base_ranks(self, model: PreTrainedModel, questions: Sequence[str]) -> dict[str, np.ndarray]:
         return {"base": self.rank(model, questions)}
 
-    def training(self, train: list[Record], held_out: list[Record]) -> Training:
+    def training(self, train: Questions, held_out: Questions) -> Training:
+        """Every question with its answer: the marginal likelihood needs no gold entry."""
         return Training(
             loss_fn=marginal_nll,
             collator=QACollator(self._tokenizer(), self.cfg.max_length),
-            train=[(r["question"], r["answer"]) for r in train],
-            held_out=[(r["question"], r["answer"]) for r in held_out],
+            train=[(r["question"], r["answer"]) for r in train.records],
+            held_out=[(r["question"], r["answer"]) for r in held_out.records],
         )
 
     def checkpoint_inputs(self) -> list[Path]:
