@@ -177,6 +177,7 @@ class SftParams(TrainingParams):
             raise ParamsError("lora_r and samples must be >= 0")
 
 
+START_ENCODERS = ("auto", "cpt", "base")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 RAG_BACKENDS = ("cpt-sft", "rag-sequence")
@@ -188,12 +189,20 @@ class RagTrainingParams(TrainingParams):
     (cpt-sft), or the whole RAG model by marginal likelihood (rag-sequence)."""
 
     batch_size: int = 32
-    """Questions per micro-step, per process; cpt-sft: the other golds of a batch are each
+    """Questions per micro-step, per process; cpt-sft: the other positives of a batch are each
     question's negatives, so at least 2."""
     epochs: float = 3.0
     warmup_ratio: float = 0.1
     eval_steps: int = 10
     save_steps: int = 10
+    hard_negatives: int = 1
+    """cpt-sft: negatives per train question mined from BM25's and the starting encoder's top 30
+    (never a chunk holding a quarter of its answer), beside the in-batch ones; 0 = in-batch only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hard_negatives < 0:
+            raise ParamsError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,9 @@ class RagParams:
     """Words shared by neighbouring chunks of one passage."""
     faq: bool = False
     """Add each *train* question with its answer as an entry (FAQ style); held-out ones never."""
+    start_encoder: str = "auto"
+    """cpt-sft: where the retriever's fine-tuning starts: auto = the CPT encoder, unless the base
+    encoder (cpt.model) ranks the train questions' gold chunks better (MRR) | cpt | base."""
     max_length: int = 256
     """Encoder tokens per question or entry; longer ones are truncated."""
     retriever: str = "dense"
@@ -239,6 +251,10 @@ class RagParams:
             # RAG-sequence marginalizes over the question encoder's scores of what it retrieved.
             raise ParamsError(
                 f"retriever must be dense with backend rag-sequence, got {self.retriever!r}"
+            )
+        if self.start_encoder not in START_ENCODERS:
+            raise ParamsError(
+                f"start_encoder must be {'|'.join(START_ENCODERS)}, got {self.start_encoder!r}"
             )
         if self.index not in INDEX_TYPES:
             raise ParamsError(f"index must be {'|'.join(INDEX_TYPES)}, got {self.index!r}")

@@ -26,7 +26,7 @@ from lmpipeline.errors import StageError
 from lmpipeline.params import Params
 from lmpipeline.rag.backend import Backend, Outputs, build
 from lmpipeline.rag.cpt_sft_train import CptSftBackend
-from lmpipeline.rag.knowledge import KnowledgeBase, knowledge_base
+from lmpipeline.rag.knowledge import KnowledgeBase, Questions, knowledge_base
 from lmpipeline.rag.rag_sequence_train import RagSequenceBackend
 from lmpipeline.runtime import precision, resolve_device
 from lmpipeline.stage import StageResult, TrainingPaths
@@ -50,11 +50,11 @@ class RagPaths(TrainingPaths):
 
 
 def backend_for(
-    params: Params, paths: RagPaths, kb: KnowledgeBase, device: torch.device
+    params: Params, paths: RagPaths, kb: KnowledgeBase, train: Questions, device: torch.device
 ) -> Backend:
     if params.rag.backend == "rag-sequence":
         return RagSequenceBackend(params.rag, kb, paths.output, device)
-    return CptSftBackend(params, paths.cpt, paths.sft, kb, device)
+    return CptSftBackend(params, paths.cpt, paths.sft, kb, train, device)
 
 
 def run(params: Params, paths: RagPaths) -> StageResult | None:
@@ -88,7 +88,7 @@ def run(params: Params, paths: RagPaths) -> StageResult | None:
         f" {len(train)} train / {len(held_out)} held-out questions, {len(held_out) - stated}"
         f" of them not in corpus; {device} ({mode or 'fp32'})"
     )
-    backend = backend_for(params, paths, kb, device)
+    backend = backend_for(params, paths, kb, train_q, device)
     inputs = [paths.data / "train.jsonl", paths.pretrain]  # what a resumed run must share
     outputs = Outputs(paths.output, paths.plots, paths.predictions)
     return build(backend, kb, train_q, held_q, params, inputs, outputs, device, mode)

@@ -90,7 +90,7 @@ def rag_trainer(
     torch.manual_seed(0)  # the unused pooler starts the same on both ranks
     encoder = AutoModel.from_pretrained(model_dir)
     entries = [Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
-    pairs = [(f"question {i} {CORPUS[i % 2]}", (i,)) for i in range(16)]
+    pairs = [cpt_sft_train.Pair(f"question {i} {CORPUS[i % 2]}", (i,)) for i in range(16)]
     collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
     training = backend.Training(cpt_sft_train.contrastive_loss, collate, pairs, held_out=[])
     cpu = torch.device("cpu")

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -15,7 +16,7 @@ from lmpipeline.chat import prompt_text
 from lmpipeline.params import ParamsError, RagParams, RagTrainingParams, load_params
 from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation
 from lmpipeline.rag.index import pooled
-from lmpipeline.rag.knowledge import Entry
+from lmpipeline.rag.knowledge import Entry, Questions
 from lmpipeline.rag.system import Hit, SystemConfig
 from lmpipeline.training import train_resumable
 from tests.helpers import (
@@ -36,7 +37,8 @@ def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
         Entry("a2", "masked tokens"),
     ]
     collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
-    shared = collate([("what answers", (0,)), ("who answers", (0,)), ("what is masked", (1,))])
+    Pair = cpt_sft_train.Pair
+    shared = collate([Pair("what answers", (0,)), Pair("who answers", (0,)), Pair("what", (1,))])
     parts = cpt_sft_train.contrastive_loss(encoder, shared)
     assert int(parts.predicted) == 3
     assert torch.isfinite(parts.loss_sum)
@@ -49,6 +51,41 @@ def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
     second = torch.logsumexp(logits[1, [1, 2]], 0) - logits[1, 1]
     third = torch.logsumexp(logits[2], 0) - logits[2, 2]
     assert parts.loss_sum.item() == pytest.approx((first + second + third).item(), rel=1e-5)
+
+
+def test_hard_negatives_skip_golds_and_chunks_stating_the_answer() -> None:
+    entries = [
+        Entry("p1.0", "masked tokens are predicted from context"),  # gold
+        Entry("p2.0", "the model predicts masked tokens"),  # states the answer, not gold
+        Entry("p3.0", "a retriever finds passages"),
+        Entry("p4.0", "the generator answers the question"),
+        Entry("p5.0", "fine tuning teaches the assistant style"),
+    ]
+    split = Questions([{"question": "what is predicted?", "answer": "masked tokens"}], [[0]])
+    dense, lexical = np.array([[0, 1, 2, 3, 4]]), np.array([[1, 4, 0, 3, -1]])
+    mined = cpt_sft_train.hard_negatives(split, [dense, lexical], entries, n=3)
+    # In turn: dense 0 (gold), bm25 1 (states it), dense 1 (states it), bm25 4, dense 2, ...
+    assert mined == [(4, 2, 3)]
+    assert cpt_sft_train.hard_negatives(split, [dense, lexical], entries, n=1) == [(4,)]
+
+
+def test_collator_puts_hard_negatives_after_the_positives_and_masks_own_golds(
+    tiny_bert_dir: Path,
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    entries = [Entry(f"p{i}.0", PASSAGES[i % 2]) for i in range(4)]
+    collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
+    Pair = cpt_sft_train.Pair
+    batch = collate([Pair("a", (0, 2), (3,)), Pair("b", (1,), (2,))])
+    assert batch["p_input_ids"].shape[0] == 4  # positives 0, 1, then negatives 3, 2
+    # Question a: entry 2 is its second gold, so b's negative 2 is not a's negative.
+    assert batch["not_negative"].tolist() == [
+        [False, False, False, True],
+        [False, False, False, False],
+    ]
+    encoder = AutoModel.from_pretrained(tiny_bert_dir)
+    parts = cpt_sft_train.contrastive_loss(encoder, batch)
+    assert int(parts.predicted) == 2 and torch.isfinite(parts.loss_sum)
 
 
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
@@ -81,7 +118,7 @@ def test_retriever_fine_tuning_resumes_exactly_after_a_crash(
     monkeypatch.chdir(tmp_path)  # checkpoints/ lands here
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     entries = [Entry(f"a{i}", line) for i, line in enumerate(PASSAGES * 3)]
-    pairs = [(f"question {i} about {e.text[:20]}", (i,)) for i, e in enumerate(entries)]
+    pairs = [cpt_sft_train.Pair(f"question {i} {e.text[:20]}", (i,)) for i, e in enumerate(entries)]
     cfg = RagTrainingParams(epochs=5, batch_size=2, lr=1e-3)  # 15 steps
 
     def train(checkpoints: str) -> dict[str, torch.Tensor]:
@@ -142,6 +179,10 @@ def test_metrics_have_every_key_of_the_spec(built: tuple[Path, dict]) -> None:
     assert latency["answer_ms_p50"] > 0
     # 9 passages of 9 words in chunks of 6 overlapping by 2: 2 chunks each, and nothing else.
     assert metrics["index"] == {"entries": 9 * 2, "dim": 32, "type": "flat"}
+    # The start was chosen on the train questions: the CPT encoder only if it ranks them better.
+    start = metrics["start"]
+    better = start["train_mrr"]["cpt"] > start["train_mrr"]["base"]
+    assert start["encoder"] == ("cpt" if better else "base")
 
 
 def test_outputs_hold_a_loadable_system_and_readable_predictions(built: tuple[Path, dict]) -> None:

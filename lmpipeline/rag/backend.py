@@ -83,6 +83,10 @@ class Backend(Protocol):
         """Files besides the data whose content a resumed run must share (input models)."""
         ...
 
+    def decisions(self) -> dict[str, Any]:
+        """What the backend chose from the train questions, for metrics/rag.json."""
+        ...
+
     def rank(self, model: PreTrainedModel, questions: Sequence[str]) -> np.ndarray:
         """Full rankings of the entries for `questions` by the fine-tuned model."""
         ...
@@ -184,5 +188,6 @@ def build(
     metrics, latency = score_system(
         system, kb, held_out, cfg, ranks, history, dim, outputs.plots, outputs.predictions
     )
+    metrics.update(backend.decisions())
     latency = {"embed_passages_per_s": round(backend.embed_per_s, 1), **latency}
     return StageResult(metrics, {"train": speed, "latency": latency})

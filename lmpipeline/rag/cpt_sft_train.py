@@ -1,10 +1,18 @@
-"""Building the `cpt-sft` RAG system: the CPT encoder, mean-pooled and L2-normalized, fine-tuned
-DPR-style on the train questions (each question's first gold chunk is its positive, the other
-positives of the batch its negatives) and indexed with FAISS; the SFT model is its generator,
-untouched.
+"""Building the `cpt-sft` RAG system: a sentence encoder, mean-pooled and L2-normalized,
+fine-tuned DPR-style on the train questions and indexed with FAISS; the SFT model is its
+generator, untouched.
 
-Retrieval is ranked for the base encoder (`cpt.model`) and the CPT encoder as is before
-fine-tuning, and for the fine-tuned one after. The system it saves is `lmpipeline.rag.cpt_sft`.
+- **Start.** Fine-tuning starts from the CPT encoder, unless the base encoder (`cpt.model`)
+  ranks the train questions' gold chunks better (MRR; `rag.start_encoder: auto`): masked-LM
+  training can move the embedding geometry a sentence encoder was trained for, and a retriever
+  must never start worse than the encoder CPT began from. Only train questions decide.
+- **Negatives.** Each question's first gold chunk is its positive; the other positives of the
+  batch are its negatives, and `rag.train.hard_negatives` chunks per question mined from BM25's
+  and the starting encoder's top `MINE_DEPTH` that do not state its answer (support below half
+  the gold rule's threshold: a margin against false negatives).
+
+Retrieval is ranked for the base encoder and the CPT encoder as is before fine-tuning, and for
+the fine-tuned one after. The system it saves is `lmpipeline.rag.cpt_sft`.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import faiss
@@ -23,6 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from lmpipeline.metrics import gold_ranks, retrieval_scores, support
 from lmpipeline.models import load_model, load_tokenizer, resolve_model
 from lmpipeline.params import Params
 from lmpipeline.rag.backend import Training
@@ -36,7 +46,8 @@ from lmpipeline.rag.cpt_sft import (
     CptSftSystem,
 )
 from lmpipeline.rag.index import build_index, embed, pooled, search
-from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, write_entries
+from lmpipeline.rag.knowledge import MIN_SUPPORT, Entry, KnowledgeBase, Questions, write_entries
+from lmpipeline.rag.lexical import bm25_search, build_bm25
 from lmpipeline.rag.system import INDEX_FILE, System, SystemConfig
 from lmpipeline.training import LossParts
 
@@ -71,31 +82,67 @@ def contrastive_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) ->
     )
 
 
-Pair = tuple[str, tuple[int, ...]]  # a question and its gold entries
+MINE_DEPTH = 30  # hard negatives come from each retriever's top MINE_DEPTH
+NEGATIVE_MAX_SUPPORT = MIN_SUPPORT / 2  # a chunk holding more of the answer is never a negative
 
 
-def pairs(split: Questions) -> list[Pair]:
-    """(question, gold entries) of each question whose answer a chunk states."""
+@dataclass(frozen=True)
+class Pair:
+    """A question, its gold entries (the first is its positive) and its hard negatives."""
+
+    question: str
+    golds: tuple[int, ...]
+    negatives: tuple[int, ...] = ()
+
+
+def pairs(split: Questions, negatives: Sequence[tuple[int, ...]] | None = None) -> list[Pair]:
+    """A pair for each question whose answer a chunk states (the others have no positive)."""
     stated = split.in_corpus()
-    return [(q, tuple(g)) for q, g in zip(stated.questions, stated.golds, strict=True)]
+    mined = negatives or [()] * len(stated.records)
+    return [
+        Pair(q, tuple(g), n) for q, g, n in zip(stated.questions, stated.golds, mined, strict=True)
+    ]
+
+
+def hard_negatives(
+    split: Questions, rankings: Sequence[np.ndarray], entries: Sequence[Entry], n: int
+) -> list[tuple[int, ...]]:
+    """For each question of `split` (all in corpus), its `n` best-ranked entries by `rankings`
+    taken in turn (one retriever's rank 1, the other's rank 1, ...) that are not gold and hold
+    less than NEGATIVE_MAX_SUPPORT of its answer's content words."""
+    out = []
+    for q, (record, golds) in enumerate(zip(split.records, split.golds, strict=True)):
+        chosen: list[int] = []
+        for rank in range(MINE_DEPTH):
+            for ranking in rankings:
+                e = int(ranking[q, rank]) if rank < ranking.shape[1] else -1
+                if e < 0 or e in golds or e in chosen or len(chosen) == n:
+                    continue
+                if support(record["answer"], [entries[e].text]) < NEGATIVE_MAX_SUPPORT:
+                    chosen.append(e)
+        out.append(tuple(chosen))
+    return out
 
 
 @dataclass(frozen=True)
 class PairCollator:
-    """Tokenizes (question, gold entries) pairs into the inputs of `contrastive_loss`: the first
-    gold is the question's positive."""
+    """Tokenizes pairs into the inputs of `contrastive_loss`: the questions, then the passages
+    (every positive, then every hard negative of the batch) and which passages are not a
+    question's negatives (its own golds, other than its positive)."""
 
     tokenizer: PreTrainedTokenizerBase
     entries: Sequence[Entry]
     max_length: int
 
     def __call__(self, pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
-        positives = [golds[0] for _, golds in pairs]
-        not_negative = torch.tensor([[p in golds for p in positives] for _, golds in pairs])
-        batch = {"not_negative": not_negative & ~torch.eye(len(pairs), dtype=torch.bool)}
+        passages = [p.golds[0] for p in pairs] + [e for p in pairs for e in p.negatives]
+        not_negative = torch.tensor([[e in p.golds for e in passages] for p in pairs])
+        own = torch.zeros_like(not_negative)
+        own[:, : len(pairs)] = torch.eye(len(pairs), dtype=torch.bool)
+        batch = {"not_negative": not_negative & ~own}
         for side, texts in (
-            ("q", [q for q, _ in pairs]),
-            ("p", [self.entries[g].text for g in positives]),
+            ("q", [p.question for p in pairs]),
+            ("p", [self.entries[e].text for e in passages]),
         ):
             tokens = self.tokenizer(
                 texts,
@@ -109,46 +156,100 @@ class PairCollator:
         return batch
 
 
+@dataclass
+class Encoder:
+    """A candidate start of the retriever, with its embedding of the entries."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    index: faiss.Index
+    embed_per_s: float
+
+
 class CptSftBackend:
-    """The `Backend` that fine-tunes the CPT encoder as the retriever of the SFT generator."""
+    """The `Backend` that fine-tunes a sentence encoder as the retriever of the SFT generator."""
 
     def __init__(
-        self, params: Params, cpt: Path, sft: Path, kb: KnowledgeBase, device: torch.device
+        self,
+        params: Params,
+        cpt: Path,
+        sft: Path,
+        kb: KnowledgeBase,
+        train: Questions,
+        device: torch.device,
     ) -> None:
         self.params, self.cfg, self.kb, self.device = params, params.rag, kb, device
         self.cpt, self.sft = cpt, sft
-        self.tokenizer = AutoTokenizer.from_pretrained(cpt)
+        self.train = train.in_corpus()
+        self.candidates: dict[str, Encoder] = {}  # filled by load_model: "cpt", "base"
+        self.start = ""  # the candidate fine-tuning starts from
+        self.start_mrr: dict[str, float] = {}
         self.index: faiss.Index | None = None  # built by `rank`, from the fine-tuned encoder
         self.embed_per_s = 0.0
 
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.candidates[self.start].tokenizer
+
     def load_model(self) -> PreTrainedModel:
-        return load_encoder(self.cpt, self.device)
+        """The encoder fine-tuning starts from (module docstring: Start)."""
+        source = resolve_model(self.params.cpt.model)
+        loaded = {
+            "cpt": (load_encoder(self.cpt, self.device), AutoTokenizer.from_pretrained(self.cpt)),
+            "base": (load_model(AutoModel, source).to(self.device), load_tokenizer(source)),
+        }
+        for name, (model, tokenizer) in loaded.items():
+            self.candidates[name] = self.embed_entries(model, tokenizer, name)
+        questions = self.train.questions
+        for name in loaded:
+            ranks = gold_ranks(self.dense_ranks(self.candidates[name], questions), self.train.golds)
+            self.start_mrr[name] = retrieval_scores(ranks)["mrr"]
+        choice = self.cfg.start_encoder
+        if choice == "auto":
+            choice = "cpt" if self.start_mrr["cpt"] > self.start_mrr["base"] else "base"
+        self.start = choice
+        print(
+            f"rag: fine-tuning starts from the {choice} encoder (train-question MRR: cpt"
+            f" {self.start_mrr['cpt']:.3f}, base {self.start_mrr['base']:.3f})"
+        )
+        return self.candidates[choice].model
 
     def base_ranks(self, model: PreTrainedModel, questions: Sequence[str]) -> dict[str, np.ndarray]:
-        source = resolve_model(self.params.cpt.model)
-        base = load_model(AutoModel, source).to(self.device)
-        ranked = {"base": self.dense_ranks(base, load_tokenizer(source), questions, "base")[0]}
-        del base
-        ranked["cpt"] = self.dense_ranks(model, self.tokenizer, questions, "cpt")[0]
-        return ranked
+        ranked = {name: self.dense_ranks(c, questions) for name, c in self.candidates.items()}
+        for name in [n for n in self.candidates if n != self.start]:
+            del self.candidates[name]  # only the start is still needed
+        return {"base": ranked["base"], "cpt": ranked["cpt"]}
 
     def training(self, train: Questions, held_out: Questions) -> Training:
-        """Pairs of the questions whose answer a chunk states (the others have no positive)."""
+        """Pairs of the questions whose answer a chunk states, the train ones with hard
+        negatives; held-out pairs (the eval loss) have in-batch negatives only."""
+        n = self.cfg.train.hard_negatives
+        negatives = None
+        if n:
+            stated = train.in_corpus()
+            start = self.candidates[self.start]
+            lexical = bm25_search(
+                build_bm25([e.text for e in self.kb.entries]), stated.questions, MINE_DEPTH
+            )[1]
+            dense = self.dense_ranks(start, stated.questions, MINE_DEPTH)
+            negatives = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
         return Training(
             loss_fn=contrastive_loss,
             collator=PairCollator(self.tokenizer, self.kb.entries, self.cfg.max_length),
-            train=pairs(train),
+            train=pairs(train, negatives),
             held_out=pairs(held_out),
         )
+
+    def decisions(self) -> dict[str, Any]:
+        return {"start": {"encoder": self.start, "train_mrr": self.start_mrr}}
 
     def checkpoint_inputs(self) -> list[Path]:
         return sorted(self.cpt.glob("*.safetensors"))
 
     def rank(self, model: PreTrainedModel, questions: Sequence[str]) -> np.ndarray:
-        ranked, self.index, self.embed_per_s = self.dense_ranks(
-            model, self.tokenizer, questions, "tuned"
-        )
-        return ranked
+        tuned = self.embed_entries(model, self.tokenizer, "tuned")
+        self.index, self.embed_per_s = tuned.index, tuned.embed_per_s
+        return self.dense_ranks(tuned, questions)
 
     def save(self, model: PreTrainedModel, output: Path, bm25: bm25s.BM25) -> int:
         """Everything `CptSftSystem` reads; the generator stays where the config names it."""
@@ -183,22 +284,22 @@ class CptSftBackend:
     def load(self, output: Path, device: str) -> System:
         return CptSftSystem.load(output, SystemConfig.read(output), device)
 
-    def dense_ranks(
-        self,
-        encoder: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        questions: Sequence[str],
-        label: str,
-    ) -> tuple[np.ndarray, faiss.Index, float]:
-        """Full rankings of the entries for `questions`, the index, and entries embedded per
-        second."""
-        cfg = self.cfg
-        texts = [e.text for e in self.kb.entries]
+    def embed_entries(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str
+    ) -> Encoder:
+        """`model` with its index of every entry, and entries embedded per second."""
+        cfg, texts = self.cfg, [e.text for e in self.kb.entries]
         start = time.perf_counter()
         vectors = embed(
-            encoder, tokenizer, texts, cfg.max_length, cfg.batch_size, f"rag: embed ({label})"
+            model, tokenizer, texts, cfg.max_length, cfg.batch_size, f"rag: embed ({label})"
         )
-        per_second = len(texts) / (time.perf_counter() - start)
-        index = build_index(vectors, cfg.index)
-        queries = embed(encoder, tokenizer, questions, cfg.max_length, cfg.batch_size)
-        return search(index, queries, len(texts))[1], index, per_second
+        per_s = len(texts) / (time.perf_counter() - start)
+        return Encoder(model, tokenizer, build_index(vectors, cfg.index), per_s)
+
+    def dense_ranks(
+        self, encoder: Encoder, questions: Sequence[str], depth: int | None = None
+    ) -> np.ndarray:
+        """The entries ranked for each question by `encoder` (all of them, or the top `depth`)."""
+        cfg = self.cfg
+        queries = embed(encoder.model, encoder.tokenizer, questions, cfg.max_length, cfg.batch_size)
+        return search(encoder.index, queries, depth or encoder.index.ntotal)[1]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import faiss
@@ -132,6 +133,10 @@ class RagSequenceBackend:
 
     def checkpoint_inputs(self) -> list[Path]:
         return []
+
+    def decisions(self) -> dict[str, Any]:
+        """Nothing: the RAG model is the start, and it learns from the answers alone."""
+        return {}
 
     def rank(self, model: PreTrainedModel, questions: Sequence[str]) -> np.ndarray:
         assert isinstance(model, RagSequenceForGeneration) and self.index is not None
