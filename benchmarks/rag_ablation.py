@@ -34,7 +34,7 @@ def slug(name: str) -> str:
 
 def run_experiment(name: str, settings: list[str]) -> float:
     """Run one experiment named after `name`; return its wall time in seconds."""
-    args = ["dvc", "exp", "run", "--temp", "--name", slug(name), "--force"]
+    args = ["dvc", "exp", "run", "--temp", "--name", slug(name)]
     for setting in settings:
         args += ["-S", setting]
     start = time.perf_counter()

@@ -206,6 +206,31 @@ class RagTrainingParams(TrainingParams):
 
 
 @dataclass(frozen=True)
+class RagReaderParams(TrainingParams):
+    """Teaching the generator to read (cpt-sft; RAFT): the SFT model fine-tuned on the train
+    questions in `ask`'s prompt with the passages the built system retrieves, the gold chunk among
+    them, or absent with "The passages do not say." as the answer."""
+
+    enabled: bool = False
+    """Fine-tune the generator on the train questions with passages (`output/rag/generator`)."""
+    absent_share: float = 0.2
+    """Share of the examples whose gold chunks are left out of the passages."""
+    max_length: int = 1024
+    """Tokens per example, template and passages included."""
+    batch_size: int = 8
+    lr: float = 5e-5
+    epochs: float = 1.0
+    eval_steps: int = 10
+    save_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction("absent_share", self.absent_share)
+        if self.max_length < 1:
+            raise ParamsError(f"max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass(frozen=True)
 class RagParams:
     backend: str = "cpt-sft"
     """cpt-sft: the CPT encoder retrieves, the SFT model answers; rag-sequence: transformers'
@@ -233,6 +258,8 @@ class RagParams:
     """FAISS index: flat (exact) | hnsw | ivf (approximate, for large corpora)."""
     train: RagTrainingParams = RagTrainingParams()
     """Fine-tuning on the train questions."""
+    reader: RagReaderParams = RagReaderParams()
+    """Teaching the generator to read the passages (cpt-sft)."""
     top_k: int = 3
     """Passages given to the generator (rag-sequence: entries retrieved and marginalized)."""
     max_new_tokens: int = 32

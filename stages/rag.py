@@ -50,11 +50,16 @@ class RagPaths(TrainingPaths):
 
 
 def backend_for(
-    params: Params, paths: RagPaths, kb: KnowledgeBase, train: Questions, device: torch.device
+    params: Params,
+    paths: RagPaths,
+    kb: KnowledgeBase,
+    train: Questions,
+    device: torch.device,
+    mode: str | None,
 ) -> Backend:
     if params.rag.backend == "rag-sequence":
         return RagSequenceBackend(params.rag, kb, paths.output, device)
-    return CptSftBackend(params, paths.cpt, paths.sft, kb, train, device)
+    return CptSftBackend(params, paths.cpt, paths.sft, kb, train, device, mode)
 
 
 def run(params: Params, paths: RagPaths) -> StageResult | None:
@@ -88,7 +93,7 @@ def run(params: Params, paths: RagPaths) -> StageResult | None:
         f" {len(train)} train / {len(held_out)} held-out questions, {len(held_out) - stated}"
         f" of them not in corpus; {device} ({mode or 'fp32'})"
     )
-    backend = backend_for(params, paths, kb, train_q, device)
+    backend = backend_for(params, paths, kb, train_q, device, mode)
     inputs = [paths.data / "train.jsonl", paths.pretrain]  # what a resumed run must share
     outputs = Outputs(paths.output, paths.plots, paths.predictions)
     return build(backend, kb, train_q, held_q, params, inputs, outputs, device, mode)

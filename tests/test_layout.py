@@ -81,7 +81,7 @@ LAYERS = [
     ],
     ["training"],
     ["cpt", "sft", "validation"],
-    ["rag.evaluation", "rag.backend", "rag.cpt_sft_train", "rag.rag_sequence_train"],
+    ["rag.evaluation", "rag.reader", "rag.backend", "rag.cpt_sft_train", "rag.rag_sequence_train"],
     ["launch"],
 ]
 LAYER = {f"lmpipeline.{name}": n for n, names in enumerate(LAYERS) for name in names}

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from lmpipeline.chat import prompt_text
 from lmpipeline.params import ParamsError, RagParams, RagTrainingParams, load_params
-from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation
+from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation, reader
 from lmpipeline.rag.index import pooled
 from lmpipeline.rag.knowledge import Entry, Questions
 from lmpipeline.rag.system import Hit, SystemConfig
@@ -86,6 +86,38 @@ def test_collator_puts_hard_negatives_after_the_positives_and_masks_own_golds(
     encoder = AutoModel.from_pretrained(tiny_bert_dir)
     parts = cpt_sft_train.contrastive_loss(encoder, batch)
     assert int(parts.predicted) == 2 and torch.isfinite(parts.loss_sum)
+
+
+def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
+    entries = [Entry(f"p{i}.0", f"passage number {i}") for i in range(6)]
+    config = SystemConfig(
+        generator="gen",
+        retriever="dense",
+        index_type="flat",
+        top_k=2,
+        max_length=32,
+        max_new_tokens=4,
+        prompt=cpt_sft.RAG_PROMPT,
+        passage=cpt_sft.PASSAGE,
+    )
+    records = [
+        {"question": "found?", "answer": "yes, found"},  # gold 1 retrieved first
+        {"question": "missed?", "answer": "inserted"},  # gold 5 not retrieved: put in
+        {"question": "unstated?", "answer": "nowhere"},  # no gold: always absent
+    ]
+    split = Questions(records, [[1], [5], []])
+    ranked = np.array([[1, 2, 3], [2, 3, 4], [0, 1, 2]])
+    tokenizer = word_level_tokenizer(chat=True)
+    made = reader.reader_records(split, ranked, entries, config, tokenizer, None, 0.0, seed=0)
+    assert [r["response"] for r in made] == ["yes, found", "inserted", reader.ABSENT_ANSWER]
+    assert "passage number 1" in made[0]["prompt"] and "passage number 2" in made[0]["prompt"]
+    assert "passage number 5" in made[1]["prompt"]
+    assert made[1]["prompt"].count("Passage ") == 2  # one retrieved passage gave way to the gold
+    assert made[2]["prompt"].endswith("Question: unstated?")
+    # With every example absent, no gold chunk is ever shown.
+    absent = reader.reader_records(split, ranked, entries, config, tokenizer, None, 0.99, seed=0)
+    assert all(r["response"] == reader.ABSENT_ANSWER for r in absent)
+    assert "passage number 1" not in absent[0]["prompt"]
 
 
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
@@ -262,6 +294,35 @@ def test_no_held_out_answer_is_retrievable_even_with_train_faq_entries(
         assert not any(NOT_IN_CORPUS in h.entry.text for h in system.retrieve(r["question"], 50))
     predictions = [json.loads(line) for line in (tmp_path / "metrics/rag_predictions.jsonl").open()]
     assert all(NOT_IN_CORPUS not in p["text"] for r in predictions for p in r["rag"]["passages"])
+
+
+def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
+    params = {
+        "cpt": {"model": str(tiny_bert_dir)},
+        "rag": tiny_rag(
+            train={"batch_size": 2, "epochs": 1},
+            reader={"enabled": True, "batch_size": 2, "max_length": 128},
+        ),
+    }
+    assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir) == 0
+    out = tmp_path / "output/rag"
+    config = json.loads((out / "config.json").read_text())
+    assert config["generator"] == "generator"
+    assert (out / config["closed_book_generator"]).resolve() == tiny_llama_dir.resolve()
+    taught = AutoModelForCausalLM.from_pretrained(out / "generator")
+    sft = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(taught.parameters(), sft.parameters(), strict=True)
+    )
+    metrics = json.loads((tmp_path / "metrics/rag.json").read_text())
+    assert metrics["reader"]["examples"] == 4  # the train questions only, never held-out ones
+    timings = json.loads((tmp_path / "output/timings/rag.json").read_text())
+    assert timings["reader"]["tokens_per_s"] > 0
+    system = ask.load_system(out, "cpu")
+    assert isinstance(system, cpt_sft.CptSftSystem)
+    assert system.generator.config.to_dict() == taught.config.to_dict()
 
 
 def test_ask_without_a_built_system_says_how_to_build_it(

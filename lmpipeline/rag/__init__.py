@@ -11,7 +11,8 @@ Answering, which `rag-ask` imports without any training code:
 
 Building, which the stage runs:
     backend             the `Backend` interface and the flow both backends share (`build`)
-    cpt_sft_train       contrastive fine-tuning of the CPT retriever
+    cpt_sft_train       contrastive fine-tuning of the retriever (start choice, hard negatives)
+    reader              teaching the generator to read retrieved passages (RAFT)
     rag_sequence_train  marginal-likelihood fine-tuning of the RAG model
     evaluation          the scores of metrics/rag.json, predictions and recall curves
 """

@@ -66,6 +66,7 @@ class Backend(Protocol):
     """One way to build a RAG system over a knowledge base."""
 
     embed_per_s: float  # entries the backend's index embedded per second
+    timings: dict[str, Any]  # speed of any training besides the fine-tuning, by name
 
     def load_model(self) -> PreTrainedModel:
         """The model that fine-tuning trains, ready to rank the entries."""
@@ -190,4 +191,4 @@ def build(
     )
     metrics.update(backend.decisions())
     latency = {"embed_passages_per_s": round(backend.embed_per_s, 1), **latency}
-    return StageResult(metrics, {"train": speed, "latency": latency})
+    return StageResult(metrics, {"train": speed, **backend.timings, "latency": latency})

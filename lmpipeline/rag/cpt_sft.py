@@ -112,21 +112,26 @@ class CptSftSystem:
         return hits(self.entries, scores[0], ids[0])
 
     def closed_book(self, questions: Sequence[str], batch_size: int) -> list[str]:
-        """The generator's answers without passages, in the same prompt format otherwise."""
+        """The answers without passages, in the same prompt format otherwise, of the SFT model
+        (`closed_book_generator` where the generator was taught to read passages: a model
+        taught to say when passages lack an answer is no closed-book baseline)."""
         assert self.config.closed_book_prompt is not None
         prompts = [self.config.closed_book_prompt.format(question=q) for q in questions]
-        return generate(
-            self.generator,
-            self.generator_tokenizer,
-            prompts,
-            self.config.max_new_tokens,
-            batch_size,
-        )
+        model, tokenizer = self.generator, self.generator_tokenizer
+        if self.config.closed_book_generator:
+            path = (self.path / self.config.closed_book_generator).resolve()
+            tokenizer, _ = load_chat_tokenizer(path)
+            model = load_causal_lm(path, self.generator.device).eval()
+        return generate(model, tokenizer, prompts, self.config.max_new_tokens, batch_size)
+
+    def prompt_budget(self) -> int | None:
+        """Tokens the prompt may take: the generator's context less the answer's."""
+        context = getattr(self.generator.config, "max_position_embeddings", None)
+        return context - self.config.max_new_tokens if context else None
 
     def ask(self, question: str, k: int | None = None) -> Answer:
         found = self.retrieve(question, k)
-        context = getattr(self.generator.config, "max_position_embeddings", None)
-        budget = context - self.config.max_new_tokens if context else None
+        budget = self.prompt_budget()
         prompt = fitted_prompt(self.config, question, found, self.generator_tokenizer, budget)
         text = generate(
             self.generator, self.generator_tokenizer, [prompt], self.config.max_new_tokens, 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from lmpipeline.rag.cpt_sft import (
 from lmpipeline.rag.index import build_index, embed, pooled, search
 from lmpipeline.rag.knowledge import MIN_SUPPORT, Entry, KnowledgeBase, Questions, write_entries
 from lmpipeline.rag.lexical import bm25_search, build_bm25
+from lmpipeline.rag.reader import ABSENT_ANSWER, GENERATOR_DIR, reader_records, teach_reader
 from lmpipeline.rag.system import INDEX_FILE, System, SystemConfig
 from lmpipeline.training import LossParts
 
@@ -177,10 +178,20 @@ class CptSftBackend:
         kb: KnowledgeBase,
         train: Questions,
         device: torch.device,
+        mode: str | None,
     ) -> None:
-        self.params, self.cfg, self.kb, self.device = params, params.rag, kb, device
+        self.params, self.cfg, self.kb, self.device, self.mode = (
+            params,
+            params.rag,
+            kb,
+            device,
+            mode,
+        )
         self.cpt, self.sft = cpt, sft
-        self.train = train.in_corpus()
+        self.all_train, self.train = train, train.in_corpus()
+        self.tuned: Encoder | None = None  # the fine-tuned retriever, from `rank`
+        self.reader: dict[str, Any] = {}  # what teaching the generator to read did
+        self.timings: dict[str, Any] = {}
         self.candidates: dict[str, Encoder] = {}  # filled by load_model: "cpt", "base"
         self.start = ""  # the candidate fine-tuning starts from
         self.start_mrr: dict[str, float] = {}
@@ -241,18 +252,20 @@ class CptSftBackend:
         )
 
     def decisions(self) -> dict[str, Any]:
-        return {"start": {"encoder": self.start, "train_mrr": self.start_mrr}}
+        start = {"start": {"encoder": self.start, "train_mrr": self.start_mrr}}
+        return {**start, "reader": self.reader} if self.reader else start
 
     def checkpoint_inputs(self) -> list[Path]:
         return sorted(self.cpt.glob("*.safetensors"))
 
     def rank(self, model: PreTrainedModel, questions: Sequence[str]) -> np.ndarray:
-        tuned = self.embed_entries(model, self.tokenizer, "tuned")
-        self.index, self.embed_per_s = tuned.index, tuned.embed_per_s
-        return self.dense_ranks(tuned, questions)
+        self.tuned = self.embed_entries(model, self.tokenizer, "tuned")
+        self.index, self.embed_per_s = self.tuned.index, self.tuned.embed_per_s
+        return self.dense_ranks(self.tuned, questions)
 
     def save(self, model: PreTrainedModel, output: Path, bm25: bm25s.BM25) -> int:
-        """Everything `CptSftSystem` reads; the generator stays where the config names it."""
+        """Everything `CptSftSystem` reads; the generator is the SFT model where the config names
+        it, or, with `rag.reader.enabled`, the SFT model taught to read (`generator/`)."""
         assert self.index is not None, "rank() builds the index"
         output.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output / RETRIEVER_DIR)
@@ -260,7 +273,7 @@ class CptSftBackend:
         faiss.write_index(self.index, str(output / INDEX_FILE))
         bm25.save(str(output / BM25_DIR), show_progress=False)
         write_entries(output, self.kb.entries)
-        SystemConfig(
+        config = SystemConfig(
             generator=os.path.relpath(self.sft, output),
             retriever=self.cfg.retriever,
             index_type=self.cfg.index,
@@ -271,8 +284,49 @@ class CptSftBackend:
             passage=PASSAGE,
             closed_book_prompt=CLOSED_BOOK_PROMPT,
             backend=BACKEND,
-        ).write(output)
+        )
+        config.write(output)
+        if self.cfg.reader.enabled:
+            self.teach_reader(output, config)
         return self.index.d
+
+    def teach_reader(self, output: Path, config: SystemConfig) -> None:
+        """Fine-tune the generator on the train questions with the passages the saved system
+        retrieves (`lmpipeline.rag.reader`); save it and point the config at it."""
+        system = CptSftSystem.load(output, config, self.params.device)
+        ranked = system.rank(self.all_train.questions, MINE_DEPTH)[1]
+        tokenizer, budget = system.generator_tokenizer, system.prompt_budget()
+        del system
+        cfg = self.cfg.reader
+        records = reader_records(
+            self.all_train,
+            ranked,
+            self.kb.entries,
+            config,
+            tokenizer,
+            budget,
+            cfg.absent_share,
+            self.params.seed,
+        )
+        inputs = sorted(self.sft.glob("*.safetensors"))
+        generator, speed, history = teach_reader(
+            records, self.sft, tokenizer, self.params, self.device, self.mode, inputs
+        )
+        generator.save_pretrained(output / GENERATOR_DIR)
+        tokenizer.save_pretrained(output / GENERATOR_DIR)
+        replace(
+            config,
+            generator=GENERATOR_DIR,
+            closed_book_generator=os.path.relpath(self.sft, output),
+        ).write(output)
+        losses = [e["loss"] for e in history if "loss" in e]
+        absent = sum(r["response"] == ABSENT_ANSWER for r in records)
+        self.reader = {
+            "examples": len(records),
+            "absent": absent,
+            "train_loss": round(losses[-1], 6) if losses else None,
+        }
+        self.timings["reader"] = speed
 
     def flops_per_token(self, model: PreTrainedModel) -> float:
         """6 x the encoder's non-embedding parameters per question or entry token."""

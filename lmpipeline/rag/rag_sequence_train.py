@@ -98,6 +98,7 @@ class RagSequenceBackend:
         self.tokenizer: RagTokenizer | None = None
         self.index: faiss.Index | None = None
         self.embed_per_s = 0.0
+        self.timings: dict[str, Any] = {}  # nothing is trained besides the RAG model
 
     def load_model(self) -> PreTrainedModel:
         """The RAG model, retrieving from the entries embedded by the context encoder."""

@@ -41,6 +41,7 @@ class SystemConfig:
     closed_book_prompt: str | None = None  # cpt-sft: the prompt without passages
     backend: str = "cpt-sft"
     model: str | None = None  # rag-sequence: the RAG model's directory, relative
+    closed_book_generator: str | None = None  # cpt-sft: if not the generator (a taught reader)
 
     def write(self, directory: Path) -> None:
         fields = {k: v for k, v in asdict(self).items() if v is not None}
