@@ -211,7 +211,7 @@ class RagReaderParams(TrainingParams):
     questions in `ask`'s prompt with the passages the built system retrieves, the gold chunk among
     them, or absent with "The passages do not say." as the answer."""
 
-    enabled: bool = False
+    enabled: bool = True
     """Fine-tune the generator on the train questions with passages (`output/rag/generator`)."""
     absent_share: float = 0.2
     """Share of the examples whose gold chunks are left out of the passages."""

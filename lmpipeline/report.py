@@ -84,6 +84,8 @@ def timing_rows(timings: Path) -> list[Row]:
         if (t := read_json(timings / f"{name}.json")) is None:
             continue
         speed = f"{t['stage_s']:.0f} s, training {t['train']['tokens_per_s']:.0f} tokens/s"
+        if "reader" in t:  # the rag stage's generator, taught to read
+            speed += f", reader {t['reader']['tokens_per_s']:.0f} tokens/s"
         if "latency" in t:
             speed += f", answer p50 {t['latency']['answer_ms_p50'] / 1000:.2f} s"
         rows.append((name, "time (this machine)", speed))

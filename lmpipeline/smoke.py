@@ -29,7 +29,11 @@ SMOKE_PARAMS: dict[str, dict[str, Any]] = {
         "max_new_tokens": 8,
         "samples": 2,
     },
-    "rag": {"train": {"epochs": 1}, "max_new_tokens": 8},
+    "rag": {
+        "train": {"epochs": 1},
+        "reader": {"batch_size": 2, "max_steps": 4, "eval_steps": 2, "save_steps": 2},
+        "max_new_tokens": 8,
+    },
 }
 PROJECT = [
     "dvc.yaml",

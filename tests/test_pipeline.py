@@ -107,6 +107,7 @@ def repo(
     )
     params["rag"].update(max_length=32, max_new_tokens=2)
     params["rag"]["train"].update(epochs=1)
+    params["rag"]["reader"].update(batch_size=4, max_steps=2, eval_steps=2, save_steps=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_commit(repo, "init")
     return repo

@@ -95,10 +95,13 @@ def teach_reader(
     """Fine-tune the SFT model on `records`; return it, its training speed and its loss log.
     `inputs` are the files whose content a resumed run must share."""
     cfg = params.rag.reader
-    examples, truncated = encode_all(tokenizer, records, cfg.max_length)
-    if truncated:
-        print(f"rag: reader: {truncated} of {len(records)} examples cut to reader.max_length")
     model = load_causal_lm(sft, device)
+    # Prompts fit the generator's context (as `ask` fits them); the answer may not: cut there.
+    positions = getattr(model.config, "max_position_embeddings", None) or cfg.max_length
+    max_length = min(cfg.max_length, positions)
+    examples, truncated = encode_all(tokenizer, records, max_length)
+    if truncated:
+        print(f"rag: reader: {truncated} of {len(records)} examples cut to {max_length} tokens")
     pad_id = tokenizer.pad_token_id  # load_chat_tokenizer gives every tokenizer one
     # The examples are what the retriever gave: a resumed run must have the same ones.
     config = (asdict(cfg), params.seed, params.device, params.fp16, json.dumps(records))
