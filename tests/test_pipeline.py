@@ -137,7 +137,15 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert set(json.loads((repo / "metrics/sft.json").read_text())) == {"base", "final", "train"}
     assert (repo / "output/sft/model.safetensors").is_file()
     metrics = json.loads((repo / "metrics/rag.json").read_text())
-    assert set(metrics) == {"questions", "retrieval", "answers", "index", "train"}
+    assert set(metrics) == {
+        "questions",
+        "retrieval",
+        "answers",
+        "index",
+        "train",
+        "start",
+        "reader",
+    }
     assert (repo / "output/rag/index.faiss").is_file()
     for stage in ("cpt", "sft", "rag"):  # speed is reported beside the outputs, not hashed
         assert (
