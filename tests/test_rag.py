@@ -88,9 +88,9 @@ def test_collator_puts_hard_negatives_after_the_positives_and_masks_own_golds(
     assert int(parts.predicted) == 2 and torch.isfinite(parts.loss_sum)
 
 
-def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
-    entries = [Entry(f"p{i}.0", f"passage number {i}") for i in range(6)]
-    config = SystemConfig(
+def tiny_config() -> SystemConfig:
+    """A cpt-sft system's config with 2 passages per prompt."""
+    return SystemConfig(
         generator="gen",
         retriever="dense",
         index_type="flat",
@@ -100,6 +100,11 @@ def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
         prompt=cpt_sft.RAG_PROMPT,
         passage=cpt_sft.PASSAGE,
     )
+
+
+def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
+    entries = [Entry(f"p{i}.0", f"passage number {i}") for i in range(6)]
+    config = tiny_config()
     records = [
         {"question": "found?", "answer": "yes, found"},  # gold 1 retrieved first
         {"question": "missed?", "answer": "inserted"},  # gold 5 not retrieved: put in
@@ -122,16 +127,7 @@ def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
 
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
     tokenizer = word_level_tokenizer(chat=True)
-    config = SystemConfig(
-        generator="gen",
-        retriever="dense",
-        index_type="flat",
-        top_k=2,
-        max_length=32,
-        max_new_tokens=4,
-        prompt=cpt_sft.RAG_PROMPT,
-        passage=cpt_sft.PASSAGE,
-    )
+    config = tiny_config()
     hits = [Hit(Entry(f"p{i}.0", " ".join([PASSAGES[0]] * 8)), 1.0) for i in range(2)]
     full = cpt_sft.fitted_prompt(config, "what does the model learn?", hits, tokenizer, None)
     fitted = cpt_sft.fitted_prompt(config, "what does the model learn?", hits, tokenizer, 60)
