@@ -3,8 +3,9 @@ experiments from the current workspace, in a table of the held-out figures.
 
 Each row is one experiment: the params it sets, the fine-tuned retriever's recall@5 and nDCG@10,
 answer F1 and supported with passages, closed-book F1, and the wall time of `dvc exp run` (only
-`rag` and `report` rerun, the other stages' outputs come from the cache; run it on an otherwise
-idle machine). Needs `dvc repro` done first. The experiments stay listed in `dvc exp show`.
+`rag` and `report` rerun, the other stages' outputs come from the cache, except in the cpt_lm
+row, which reruns `cpt_lm` and `sft` too; run it on an otherwise idle machine). Needs `dvc repro`
+done first. The experiments stay listed in `dvc exp show`.
 
     python -m benchmarks.rag_ablation [--only NAME ...]
 """
@@ -23,6 +24,7 @@ from typing import Any
 OFF = "rag.reader.enabled=false"
 ABLATIONS: dict[str, list[str]] = {
     "default": [],
+    "generator adapted to the corpus first (cpt_lm)": ["cpt_lm.enabled=true"],
     "generator not taught to read": [OFF],
     "untaught, in-batch negatives only": [OFF, "rag.train.hard_negatives=0"],
     "untaught, start from the CPT encoder": [OFF, "rag.start_encoder=cpt"],

@@ -144,9 +144,54 @@ class CptParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class SftParams(TrainingParams):
+class AdaptedParams(TrainingParams):
+    """Training of the causal LM (cpt_lm, sft): the whole model, or LoRA adapters merged on save."""
+
+    lora_r: int = 0
+    """0 = full fine-tune; > 0 = LoRA rank on all linear layers, merged into the saved model."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction("lora_dropout", self.lora_dropout)
+        if self.lora_r < 0:
+            raise ParamsError(f"lora_r must be >= 0, got {self.lora_r}")
+
+
+@dataclass(frozen=True)
+class CptLmParams(AdaptedParams):
+    """Domain-adaptive pre-training of the generator: causal-LM training of the SFT base model
+    (sft.model) on the validated corpus, before SFT."""
+
+    enabled: bool = False
+    """Train on the corpus; false = output/cpt_lm is the base model unchanged (SFT starts there).
+    Off by default: on the default data it costs 6 of make repro's minutes and lowered RAG answer
+    F1 (docs/training.md)."""
+    max_length: int = 512
+    """Tokens per packed block: passages joined with the end-of-text token, no padding."""
+    eval_fraction: float = 0.1
+    """Share of the blocks held out for the before/after perplexity, drawn with `seed`."""
+    batch_size: int = 8
+    lr: float = 5e-5
+    eval_steps: int = 5
+    save_steps: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.eval_fraction < 1.0:  # the before/after perplexity needs blocks
+            raise ParamsError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ParamsError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class SftParams(AdaptedParams):
     model: str = "bundled:smollm2-135m-instruct"
-    """Causal LM to fine-tune: a local directory, bundled:NAME or a Hugging Face id (gpt2)."""
+    """Causal LM to fine-tune: a local directory, bundled:NAME or a Hugging Face id (gpt2); the
+    cpt_lm stage adapts it to the corpus first (cpt_lm.enabled)."""
     eval_fraction: float = 0.1
     """Share of the records held out, drawn with `seed`."""
     max_length: int = 512
@@ -155,12 +200,6 @@ class SftParams(TrainingParams):
     lr: float = 5e-5
     eval_steps: int = 10
     save_steps: int = 10
-    lora_r: int = 0
-    """0 = full fine-tune; > 0 = LoRA rank on all linear layers, merged into the saved model."""
-    lora_alpha: int = 16
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
     max_new_tokens: int = 64
     """Greedy answer length for the held-out prompts (gen_f1, gen_rougeL)."""
     samples: int = 5
@@ -169,12 +208,11 @@ class SftParams(TrainingParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fraction("eval_fraction", self.eval_fraction)
-        _check_fraction("lora_dropout", self.lora_dropout)
         for key in ("max_length", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.lora_r < 0 or self.samples < 0:
-            raise ParamsError("lora_r and samples must be >= 0")
+        if self.samples < 0:
+            raise ParamsError(f"samples must be >= 0, got {self.samples}")
 
 
 START_ENCODERS = ("auto", "cpt", "base")
@@ -345,6 +383,7 @@ class Params:
     refused: CPU autocast is about 10x slower here)."""
     validate: ValidateParams = field(default_factory=ValidateParams)
     cpt: CptParams = field(default_factory=CptParams)
+    cpt_lm: CptLmParams = field(default_factory=CptLmParams)
     sft: SftParams = field(default_factory=SftParams)
     rag: RagParams = field(default_factory=RagParams)
     launch: LaunchParams = field(default_factory=LaunchParams)
@@ -354,10 +393,13 @@ class Params:
             raise ParamsError(f"device must be auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
         if self.fp16 not in FP16_CHOICES:
             raise ParamsError(f"fp16 must be one of {'|'.join(FP16_CHOICES)}, got {self.fp16!r}")
-        if self.launch.strategy == "fsdp" and self.sft.lora_r:
-            # LoRA's merge on save needs the whole base model in one process, the one thing
-            # FSDP is chosen to avoid; LoRA's trainable state is small enough for DDP.
-            raise ParamsError("launch.strategy fsdp does not combine with sft.lora_r > 0: use ddp")
+        for section in ("cpt_lm", "sft"):
+            if self.launch.strategy == "fsdp" and getattr(self, section).lora_r:
+                # LoRA's merge on save needs the whole base model in one process, the one thing
+                # FSDP is chosen to avoid; LoRA's trainable state is small enough for DDP.
+                raise ParamsError(
+                    f"launch.strategy fsdp does not combine with {section}.lora_r > 0: use ddp"
+                )
         if self.launch.strategy == "fsdp" and self.rag.backend == "rag-sequence":
             # accelerate's FSDP2 asks the model for its input embeddings, which transformers'
             # RAG models do not expose.

@@ -36,6 +36,13 @@ def cpt_rows(m: dict[str, Any]) -> list[Row]:
     ]
 
 
+def cpt_lm_rows(m: dict[str, Any]) -> list[Row]:
+    if not m["enabled"]:
+        return [("cpt_lm", "generator", "not adapted (cpt_lm.enabled: false)")]
+    base, final = m["base"], m["final"]
+    return [("cpt_lm", "held-out perplexity", change(base["perplexity"], final["perplexity"]))]
+
+
 def sft_rows(m: dict[str, Any]) -> list[Row]:
     base, final = m["base"], m["final"]
     return [
@@ -72,7 +79,12 @@ def rag_rows(m: dict[str, Any]) -> list[Row]:
 def metric_rows(metrics: Path) -> list[Row]:
     """Key metrics of every stage that has written its file (a stage not yet run is left out)."""
     rows = validate_rows(metrics)
-    for name, rows_of in (("cpt", cpt_rows), ("sft", sft_rows), ("rag", rag_rows)):
+    for name, rows_of in (
+        ("cpt", cpt_rows),
+        ("cpt_lm", cpt_lm_rows),
+        ("sft", sft_rows),
+        ("rag", rag_rows),
+    ):
         if (m := read_json(metrics / f"{name}.json")) is not None:
             rows += rows_of(m)
     return rows
@@ -80,10 +92,12 @@ def metric_rows(metrics: Path) -> list[Row]:
 
 def timing_rows(timings: Path) -> list[Row]:
     rows = []
-    for name in ("cpt", "sft", "rag"):
+    for name in ("cpt", "cpt_lm", "sft", "rag"):
         if (t := read_json(timings / f"{name}.json")) is None:
             continue
-        speed = f"{t['stage_s']:.0f} s, training {t['train']['tokens_per_s']:.0f} tokens/s"
+        speed = f"{t['stage_s']:.0f} s"
+        if "train" in t:  # a disabled cpt_lm trains nothing
+            speed += f", training {t['train']['tokens_per_s']:.0f} tokens/s"
         if "reader" in t:  # the rag stage's generator, taught to read
             speed += f", reader {t['reader']['tokens_per_s']:.0f} tokens/s"
         if "latency" in t:

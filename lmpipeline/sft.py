@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 
 from lmpipeline.chat import generate, prompt_text
 from lmpipeline.metrics import perplexity, rouge_l, token_f1
-from lmpipeline.params import SftParams
+from lmpipeline.params import AdaptedParams, SftParams
 from lmpipeline.training import EpochSampler, LossParts, StageTrainer, score
 
 
@@ -162,7 +162,7 @@ def evaluate(
     }, answers
 
 
-def with_lora(model: PreTrainedModel, cfg: SftParams) -> PreTrainedModel:
+def with_lora(model: PreTrainedModel, cfg: AdaptedParams) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model  # optional: only LoRA runs need peft
 
     config = LoraConfig(

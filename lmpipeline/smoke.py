@@ -21,6 +21,7 @@ import yaml
 # What each phase still does, in a few steps: train, checkpoint, evaluate, answer.
 SMOKE_PARAMS: dict[str, dict[str, Any]] = {
     "cpt": {"max_steps": 4, "eval_steps": 2, "save_steps": 2},
+    "cpt_lm": {"batch_size": 2, "max_steps": 4, "eval_steps": 2, "save_steps": 2},
     "sft": {
         "batch_size": 2,
         "max_steps": 4,

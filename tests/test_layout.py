@@ -80,7 +80,7 @@ LAYERS = [
         "rag.ask",
     ],
     ["training"],
-    ["cpt", "sft", "validation"],
+    ["cpt", "cpt_lm", "sft", "validation"],
     ["rag.evaluation", "rag.reader", "rag.backend", "rag.cpt_sft_train", "rag.rag_sequence_train"],
     ["launch"],
 ]

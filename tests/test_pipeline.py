@@ -23,7 +23,7 @@ from lmpipeline.smoke import copy_project, git_commit, parse_overrides, with_ove
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
-STAGES = {*VALIDATE, "cpt", "sft_base", "sft", "rag", "report"}
+STAGES = {*VALIDATE, "cpt", "sft_base", "cpt_lm", "sft", "rag", "report"}
 T = TypeVar("T")
 
 
@@ -105,6 +105,9 @@ def repo(
         eval_steps=2,
         save_steps=2,
     )
+    params["cpt_lm"].update(
+        enabled=True, max_length=32, batch_size=4, max_steps=2, eval_steps=2, save_steps=2
+    )
     params["rag"].update(max_length=32, max_new_tokens=2)
     params["rag"]["train"].update(epochs=1)
     params["rag"]["reader"].update(batch_size=4, max_steps=2, eval_steps=2, save_steps=2)
@@ -135,6 +138,9 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
     assert (repo / "output/cpt/model.safetensors").is_file()
     assert set(json.loads((repo / "metrics/cpt.json").read_text())) == {"base", "final"}
     assert set(json.loads((repo / "metrics/sft.json").read_text())) == {"base", "final", "train"}
+    cpt_lm = json.loads((repo / "metrics/cpt_lm.json").read_text())
+    assert cpt_lm["enabled"] and cpt_lm["final"]["perplexity"] > 0
+    assert (repo / "output/cpt_lm/model.safetensors").is_file()
     assert (repo / "output/sft/model.safetensors").is_file()
     metrics = json.loads((repo / "metrics/rag.json").read_text())
     assert set(metrics) == {
@@ -147,14 +153,19 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
         "reader",
     }
     assert (repo / "output/rag/index.faiss").is_file()
-    for stage in ("cpt", "sft", "rag"):  # speed is reported beside the outputs, not hashed
+    for stage in (
+        "cpt",
+        "cpt_lm",
+        "sft",
+        "rag",
+    ):  # speed is reported beside the outputs, not hashed
         assert (
             "tokens_per_s"
             in json.loads((repo / f"output/timings/{stage}.json").read_text())["train"]
         )
     # The run ends with the table of key metrics, also kept in metrics/summary.md.
     table = (repo / "metrics/summary.md").read_text()
-    assert "| cpt " in table and "| sft " in table and "| rag " in table
+    assert all(f"| {stage} " in table for stage in ("cpt", "cpt_lm", "sft", "rag"))
     assert "held-out MLM loss" in first.stdout and "recall@5" in first.stdout
     assert ran(sh(repo, "dvc", "repro")) == set()
 
@@ -167,13 +178,15 @@ def test_dag_shows_every_stage(repo: Path) -> None:
     assert edges == {
         ("validate_pretrain", "cpt"),
         ("validate_sft", "sft"),
-        ("sft_base", "sft"),
+        ("sft_base", "cpt_lm"),  # the seed's chain: CPT of the generator, then SFT, then RAG
+        ("validate_pretrain", "cpt_lm"),
+        ("cpt_lm", "sft"),
         ("validate_pretrain", "rag"),
         ("validate_pretrain", "validate_rag"),  # the golds are chunks of the passages
         ("validate_rag", "rag"),
         ("cpt", "rag"),
         ("sft", "rag"),
-        *((stage, "report") for stage in [*VALIDATE, "cpt", "sft", "rag"]),
+        *((stage, "report") for stage in [*VALIDATE, "cpt", "cpt_lm", "sft", "rag"]),
     }
 
 
@@ -188,7 +201,8 @@ def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path)
 @pytest.mark.parametrize(
     ("setting", "reruns"),
     [
-        ("sft.lr=3e-5", {"sft", "rag"}),
+        ("sft.lr=3e-5", {"sft", "rag"}),  # not cpt_lm, which SFT starts from
+        ("cpt_lm.lr=3e-5", {"cpt_lm", "sft", "rag"}),
         ("cpt.mlm_probability=0.2", {"cpt", "rag"}),
         ("rag.top_k=2", {"rag"}),
         ("rag.chunk_words=50", {"validate_rag", "rag"}),  # new chunks, new golds
@@ -292,7 +306,7 @@ def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> 
         restore(repo)
 
 
-def test_editing_pretrain_data_does_not_rerun_sft(repo: Path) -> None:
+def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
     baseline(repo)
     with (repo / "data/pretrain.txt").open("a", encoding="utf-8") as f:
         f.write("One more passage of domain text about masked language models and retrieval.\n")
@@ -301,6 +315,8 @@ def test_editing_pretrain_data_does_not_rerun_sft(repo: Path) -> None:
             "validate_pretrain",
             "validate_rag",
             "cpt",
+            "cpt_lm",
+            "sft",  # starts from the generator adapted to the corpus
             "rag",
             "report",
         }
@@ -377,7 +393,7 @@ def test_plots_show_renders_every_stage_on_one_page(repo: Path, tmp_path: Path) 
     sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     assert [p.name for p in (tmp_path / "plots").glob("*.html")] == ["index.html"]
     page = (tmp_path / "plots/index.html").read_text()
-    for title in ["CPT loss", "SFT loss", "Retriever loss", "RAG recall@k"]:
+    for title in ["CPT loss", "Generator CPT loss", "SFT loss", "Retriever loss", "RAG recall@k"]:
         assert title in page
 
 

@@ -125,6 +125,28 @@ def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
     assert "passage number 1" not in absent[0]["prompt"]
 
 
+def test_an_example_taught_as_absent_shows_no_passage_that_states_its_answer() -> None:
+    # Chunk 2 is not gold, but it holds the answer in other words (chunks overlap, answers are
+    # restated): shown with "The passages do not say." it would teach the model to abstain
+    # while the answer stands before it.
+    entries = [
+        Entry("p0.0", "passage number zero"),
+        Entry("p1.0", "the gold passage says forty two layers"),
+        Entry("p2.0", "a neighbour also says forty two layers"),
+        Entry("p3.0", "passage number three"),
+        Entry("p4.0", "passage number four"),
+    ]
+    split = Questions([{"question": "how many layers?", "answer": "forty two layers"}], [[1]])
+    ranked = np.array([[1, 2, 0, 3, 4]])
+    tokenizer = word_level_tokenizer(chat=True)
+    made = reader.reader_records(
+        split, ranked, entries, tiny_config(), tokenizer, None, 0.99, seed=0
+    )
+    assert made[0]["response"] == reader.ABSENT_ANSWER
+    assert "forty" not in made[0]["prompt"].split("Question:")[0]
+    assert "passage number zero" in made[0]["prompt"] and "number three" in made[0]["prompt"]
+
+
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
     tokenizer = word_level_tokenizer(chat=True)
     config = tiny_config()

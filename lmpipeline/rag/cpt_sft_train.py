@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from lmpipeline.metrics import gold_ranks, retrieval_scores, support
+from lmpipeline.metrics import gold_ranks, retrieval_scores
 from lmpipeline.models import load_model, load_tokenizer, resolve_model
 from lmpipeline.params import Params
 from lmpipeline.rag.backend import Training
@@ -46,7 +46,7 @@ from lmpipeline.rag.cpt_sft import (
     CptSftSystem,
 )
 from lmpipeline.rag.index import build_index, embed, pooled, search
-from lmpipeline.rag.knowledge import MIN_SUPPORT, Entry, KnowledgeBase, Questions, write_entries
+from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, silent_on, write_entries
 from lmpipeline.rag.lexical import bm25_search, build_bm25
 from lmpipeline.rag.reader import ABSENT_ANSWER, GENERATOR_DIR, reader_records, teach_reader
 from lmpipeline.rag.system import INDEX_FILE, System, SystemConfig
@@ -84,7 +84,6 @@ def contrastive_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) ->
 
 
 MINE_DEPTH = 30  # hard negatives come from each retriever's top MINE_DEPTH
-NEGATIVE_MAX_SUPPORT = MIN_SUPPORT / 2  # a chunk holding more of the answer is never a negative
 
 
 @dataclass(frozen=True)
@@ -109,8 +108,8 @@ def hard_negatives(
     split: Questions, rankings: Sequence[np.ndarray], entries: Sequence[Entry], n: int
 ) -> list[tuple[int, ...]]:
     """For each question of `split` (all in corpus), its `n` best-ranked entries by `rankings`
-    taken in turn (one retriever's rank 1, the other's rank 1, ...) that are not gold and hold
-    less than NEGATIVE_MAX_SUPPORT of its answer's content words."""
+    taken in turn (one retriever's rank 1, the other's rank 1, ...) that are not gold and are
+    silent on its answer (`silent_on`)."""
     out = []
     for q, (record, golds) in enumerate(zip(split.records, split.golds, strict=True)):
         chosen: list[int] = []
@@ -119,7 +118,7 @@ def hard_negatives(
                 e = int(ranking[q, rank]) if rank < ranking.shape[1] else -1
                 if e < 0 or e in golds or e in chosen or len(chosen) == n:
                     continue
-                if support(record["answer"], [entries[e].text]) < NEGATIVE_MAX_SUPPORT:
+                if silent_on(record["answer"], entries[e].text):
                     chosen.append(e)
         out.append(tuple(chosen))
     return out

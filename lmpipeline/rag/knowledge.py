@@ -38,8 +38,17 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 PASSAGES_FILE = "passages.jsonl"  # the entries of a built system: one {"id", "text"} per line
 CANDIDATE_SENTENCES = 10
 MIN_SUPPORT = 0.5  # a sentence states an answer when it holds at least half its content words
+# A chunk holding less than this share is safely silent on an answer: half the rule's threshold,
+# a margin against passages that state it in other words.
+SILENT_MAX_SUPPORT = MIN_SUPPORT / 2
 
 Record = dict[str, Any]
+
+
+def silent_on(answer: str, text: str) -> bool:
+    """Whether `text` holds too little of `answer` to state it (below SILENT_MAX_SUPPORT of its
+    content words): a safe hard negative, or a passage an example without the answer may show."""
+    return support(answer, [text]) < SILENT_MAX_SUPPORT
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ passages the built system retrieves for the question, shortened as `ask` shorten
 examples a gold chunk is among them (placed at a random position when the retriever missed it);
 in a share `rag.reader.absent_share` of them, and for every train question whose answer no chunk
 states, the golds are left out and the target is `ABSENT_ANSWER`, so that the model learns to say
-when the passages do not give the answer rather than to make one up. The loss covers the answer
-only, as in the `sft` stage. Held-out questions never enter it: its Trainer has no held-out set.
+when the passages do not give the answer rather than to make one up. Such an example shows only
+passages silent on the answer (`silent_on`: not a gold, nor a chunk that holds a quarter of the
+answer in other words): one that could be read off a passage must never be taught as absent.
+The loss covers the answer only, as in the `sft` stage. Held-out questions never enter it: its
+Trainer has no held-out set.
 
 The result is a plain Hugging Face causal LM (`output/rag/generator`) that `ask` and
 `pipeline("text-generation")` load; the untouched SFT model stays the closed-book baseline.
@@ -29,7 +32,7 @@ from lmpipeline.chat import load_causal_lm
 from lmpipeline.data import file_digest
 from lmpipeline.params import Params
 from lmpipeline.rag.cpt_sft import fitted_prompt
-from lmpipeline.rag.knowledge import Entry, Questions
+from lmpipeline.rag.knowledge import Entry, Questions, silent_on
 from lmpipeline.rag.system import Hit, SystemConfig
 from lmpipeline.sft import (
     LengthGrouped,
@@ -71,7 +74,8 @@ def reader_records(
         absent = not golds or rng.random() < absent_share
         others = [e for e in found if e not in golds]
         if absent:
-            chosen, response = others[:k], ABSENT_ANSWER
+            silent = [e for e in others if silent_on(record["answer"], entries[e].text)]
+            chosen, response = silent[:k], ABSENT_ANSWER
         else:
             chosen, response = found[:k], record["answer"]
             if not set(chosen) & set(golds):
