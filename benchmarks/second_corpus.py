@@ -45,7 +45,8 @@ SIGNATURE = re.compile(r"^ {0,3}([A-Za-z_][\w.]*\([^)]*\))\s*$")
 
 
 def passages() -> list[str]:
-    """The reference's paragraphs, whitespace folded, packed up to WORDS_PER_PASSAGE words."""
+    """The reference's paragraphs, whitespace folded, packed up to WORDS_PER_PASSAGE words, each
+    passage once."""
     lines: list[str] = []
     for text in topics.values():
         current: list[str] = []
@@ -57,7 +58,8 @@ def passages() -> list[str]:
             current += words
         if current:
             lines.append(" ".join(current))
-    return [line for line in lines if len(line) >= 20]
+    # Topics repeat sections of each other: keep each passage once (validation refuses copies).
+    return list(dict.fromkeys(line for line in lines if len(line) >= 20))
 
 
 def questions() -> list[dict[str, str]]:

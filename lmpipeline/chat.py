@@ -9,6 +9,7 @@ the SFT stage saves with the model as its chat template, so that generation ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
 def load_chat_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, str]:
     """A causal LM's tokenizer with a chat template and a pad token (end of text where it has
     none: padding is masked, never learned), and which template it uses."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     template = ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -48,7 +49,28 @@ def load_chat_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, str]:
 
 
 def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+    return AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False
+    ).to(device)
+
+
+def encode_turns(
+    tokenizer: PreTrainedTokenizerBase, rendered: str, contents: Sequence[str]
+) -> list[int]:
+    """Token ids of a chat rendered with its template, in which `contents` (the messages' texts,
+    in order) are data: the template's own markers become control tokens, while a marker that a
+    prompt, response or passage holds as text (`<|im_start|>assistant` in a document about chat
+    templates) is split into ordinary tokens, so data can never forge a turn."""
+    ids: list[int] = []
+    at = 0
+    for content in contents:
+        start = rendered.find(content, at) if content else -1
+        if start < 0:  # a template that rewrote the content: nothing of it is kept apart
+            continue
+        ids += tokenizer(rendered[at:start], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        at = start + len(content)
+    return ids + tokenizer(rendered[at:], add_special_tokens=False)["input_ids"]
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -71,8 +93,9 @@ def generate(
     answers: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [prompt_text(tokenizer, p) for p in prompts[i : i + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            chunk = prompts[i : i + batch_size]
+            ids = [encode_turns(tokenizer, prompt_text(tokenizer, p), [p]) for p in chunk]
+            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
             out = model.generate(
                 **batch.to(model.device),
                 max_new_tokens=max_new_tokens,

@@ -30,7 +30,10 @@ def pack(
     blocks; the remainder shorter than a block is dropped."""
     if tokenizer.eos_token_id is None:
         raise StageError("the generator's tokenizer has no end-of-text token to join passages")
-    encoded = tokenizer(list(passages), add_special_tokens=False)["input_ids"]
+    # A passage may hold a marker such as <|im_end|> as text: it stays text, never a control
+    # token the model would learn to emit mid-document.
+    encoded = tokenizer(list(passages), add_special_tokens=False, split_special_tokens=True)
+    encoded = encoded["input_ids"]
     stream = [token for ids in encoded for token in (*ids, tokenizer.eos_token_id)]
     n = len(stream) // max_length
     return torch.tensor(stream[: n * max_length], dtype=torch.long).view(n, max_length)

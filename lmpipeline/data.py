@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,8 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from lmpipeline.errors import StageError
+
 BOM = b"\xef\xbb\xbf"
 _SPACES = re.compile(r"\s+")
+# Characters that take no space on screen: zero-width space, non-joiner and joiner, word joiner
+# and the byte-order mark. A value made of them and whitespace is empty to a reader.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,26 @@ class RawLine:
     decode_error: str | None = None
 
 
+def read_input(path: Path) -> bytes:
+    """The bytes of an input file, or a one-line error naming it: missing, a directory, or
+    unreadable (a stage run by hand before the stage that makes its input)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{path}: no such file (`dvc repro` makes the pipeline's own)") from None
+    except IsADirectoryError:
+        raise StageError(f"{path}: a directory, not a file") from None
+    except PermissionError:
+        raise StageError(f"{path}: not readable (permission denied)") from None
+
+
 def read_lines(path: Path) -> Iterator[RawLine]:
     """Yield the non-blank lines of `path`, decoding each line on its own.
 
     Decoding per line lets one bad byte be reported at its line instead of failing the file.
+    A line ends at "\n" only (a CR before it is dropped), in every reader of the project.
     """
-    data = path.read_bytes()
-    data = data.removeprefix(BOM)
+    data = read_input(path).removeprefix(BOM)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         try:
@@ -49,6 +68,29 @@ def read_lines(path: Path) -> Iterator[RawLine]:
             continue
         if text.strip():
             yield RawLine(number, text)
+
+
+def text_problem(text: str, multiline: bool) -> str | None:
+    """What makes `text` not text, or None: a control character other than tab (and, where
+    `multiline`, inside a JSON string, LF and CR), a lone surrogate, or a byte-order mark past
+    the start of the file. Columns count from 1 within `text`."""
+    for column, char in enumerate(text, start=1):
+        code = ord(char)
+        if char == "\t" or (multiline and char in "\n\r"):
+            continue
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            hint = " (a UTF-16 file? re-save it as UTF-8)" if code == 0 else ""
+            return f"control character U+{code:04X} at column {column}{hint}"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"lone surrogate U+{code:04X} at column {column}, which is not a character"
+        if code == 0xFEFF:
+            return f"byte-order mark U+FEFF at column {column} (files joined together?); remove it"
+    return None
+
+
+def visible(text: str) -> str:
+    """`text` without surrounding whitespace and without invisible characters."""
+    return text.translate(INVISIBLE).strip()
 
 
 def prompt_key(text: str) -> str:
@@ -76,7 +118,7 @@ def canonical_json(record: dict[str, Any]) -> str:
 def read_passages(path: Path) -> list[str]:
     """The passages of a validated text file, one per line. A line ends at "\n" only:
     str.splitlines would also cut a passage at a CR, U+2028 or another separator inside it."""
-    text = path.read_bytes().decode("utf-8")
+    text = read_input(path).decode("utf-8")
     return text.removesuffix("\n").split("\n") if text else []
 
 
@@ -86,12 +128,40 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def jsonl_text(records: Iterable[dict[str, Any]]) -> str:
+    return "".join(canonical_json(r) + "\n" for r in records)
+
+
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    write_text_atomic(path, "".join(canonical_json(r) + "\n" for r in records))
+    write_text_atomic(path, jsonl_text(records))
+
+
+def publish_dir(output: Path, files: dict[str, str]) -> None:
+    """Make `output` a directory holding exactly `files` (name -> text) as one unit: they are
+    written into a new sibling first, which then takes the old directory's place. A reader, or a
+    crash, sees the old files or the new ones, never some of each (a new train split beside an
+    old eval split); a crash between the two renames leaves no `output`, and the old files in
+    `.<name>.old` beside it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    old = output.with_name(f".{output.name}.old")
+    try:
+        new.chmod(0o755)
+        for name, text in files.items():
+            with (new / name).open("w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+        shutil.rmtree(old, ignore_errors=True)
+        if output.exists():
+            os.replace(output, old)
+        os.replace(new, output)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(read_input(path)).hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,8 +9,10 @@ typo in `dvc exp run -S sft.lrr=...` never trains silently with the default.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import yaml
 from lmpipeline.errors import StageError
 
 PARAMS_FILE = Path("params.yaml")
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 FP16_CHOICES = ("auto", "true", "false")
 
 
@@ -29,9 +31,53 @@ class ParamsError(StageError, ValueError):
     """params.yaml is missing, malformed, or holds an unknown or mistyped key."""
 
 
+# Every number a user can set, by key name, and the closed range it must lie in: all finite, so
+# NaN, inf or a typo's 1e300 stops at load time with the key's name. Checks in the dataclasses
+# narrow some further (a learning rate > 0, max_length >= 8 for CPT).
+RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**32 - 1),  # what numpy accepts as a seed
+    "max_errors": (1, 1_000_000),
+    "min_chars": (0, 10**9),
+    "max_chars": (0, 10**9),
+    "batch_size": (1, 1_000_000),
+    "grad_accum": (1, 1_000_000),
+    "lr": (0, 10),
+    "head_lr": (0, 10),
+    "epochs": (0, 1_000_000),
+    "max_steps": (0, 10**9),
+    "warmup_ratio": (0, 1),
+    "weight_decay": (0, 10),
+    "eval_steps": (1, 10**9),
+    "save_steps": (1, 10**9),
+    "max_length": (1, 10**7),
+    "mlm_probability": (0, 1),
+    "eval_fraction": (0, 1),
+    "lora_r": (0, 100_000),
+    "lora_alpha": (1, 1_000_000),
+    "lora_dropout": (0, 1),
+    "max_new_tokens": (1, 1_000_000),
+    "samples": (0, 1_000_000),
+    "chunk_words": (1, 1_000_000),
+    "chunk_overlap": (0, 1_000_000),
+    "top_k": (1, 10_000),
+    "hard_negatives": (0, 1_000),
+    "absent_share": (0, 1),
+    "nproc_per_node": (1, 100_000),
+    "nnodes": (1, 100_000),
+    "node_rank": (0, 100_000),
+    "master_port": (1, 65_535),
+}
+
+
 def _check_fraction(key: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ParamsError(f"{key} must be in [0, 1), got {value}")
+
+
+def _check_eval_fraction(value: float) -> None:
+    """A held-out share: without held-out data a loss of 0 would read as a perfect score."""
+    if not 0.0 < value < 1.0:
+        raise ParamsError(f"eval_fraction must be in (0, 1), got {value}")
 
 
 @dataclass(frozen=True)
@@ -134,7 +180,7 @@ class CptParams(TrainingParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("eval_fraction", self.eval_fraction)
+        _check_eval_fraction(self.eval_fraction)
         if not 0.0 < self.mlm_probability < 1.0:
             raise ParamsError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if self.head_lr < 0:
@@ -181,8 +227,7 @@ class CptLmParams(AdaptedParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.eval_fraction < 1.0:  # the before/after perplexity needs blocks
-            raise ParamsError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        _check_eval_fraction(self.eval_fraction)  # the before/after perplexity needs blocks
         if self.max_length < 8:
             raise ParamsError(f"max_length must be >= 8, got {self.max_length}")
 
@@ -207,7 +252,7 @@ class SftParams(AdaptedParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("eval_fraction", self.eval_fraction)
+        _check_eval_fraction(self.eval_fraction)
         for key in ("max_length", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -308,8 +353,7 @@ class RagParams:
     def __post_init__(self) -> None:
         if self.backend not in RAG_BACKENDS:
             raise ParamsError(f"backend must be {'|'.join(RAG_BACKENDS)}, got {self.backend!r}")
-        if not 0.0 < self.eval_fraction < 1.0:  # retrieval and answers are scored on held-out
-            raise ParamsError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        _check_eval_fraction(self.eval_fraction)  # retrieval and answers are scored on held-out
         if self.retriever not in RETRIEVERS:
             raise ParamsError(f"retriever must be {'|'.join(RETRIEVERS)}, got {self.retriever!r}")
         if self.backend == "rag-sequence" and self.retriever != "dense":
@@ -389,7 +433,7 @@ class Params:
     launch: LaunchParams = field(default_factory=LaunchParams)
 
     def __post_init__(self) -> None:
-        if not DEVICE_PATTERN.match(self.device):
+        if not DEVICE_PATTERN.fullmatch(self.device):
             raise ParamsError(f"device must be auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
         if self.fp16 not in FP16_CHOICES:
             raise ParamsError(f"fp16 must be one of {'|'.join(FP16_CHOICES)}, got {self.fp16!r}")
@@ -420,8 +464,10 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ParamsError(f"{path}: not found (run from the project root)") from err
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:  # an empty file would silently mean every default
+        raise ParamsError(f"{path}: empty; `git checkout params.yaml` restores the defaults")
     try:
-        return build(Params, raw or {}, prefix="")
+        return build(Params, raw, prefix="")
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
@@ -470,14 +516,20 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return build(hint, value, prefix=key + ".")
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads `3e-5` (no dot) as a string, and `dvc exp run -S` passes it through.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):  # not a number: the type check below says so
+            value = float(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint is str and isinstance(value, bool):
         return "true" if value else "false"  # `fp16: true` is the natural way to write it
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ParamsError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint in (int, float):
+        _check_range(key, value)
     return value
+
+
+def _check_range(key: str, value: float) -> None:
+    low, high = RANGES[key.rsplit(".", 1)[-1]]
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ParamsError(f"{key} must be a number in [{low}, {high}], got {value!r}")

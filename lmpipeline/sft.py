@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from lmpipeline.chat import generate, prompt_text
+from lmpipeline.chat import encode_turns, generate, prompt_text
 from lmpipeline.metrics import perplexity, rouge_l, token_f1
 from lmpipeline.params import AdaptedParams, SftParams
 from lmpipeline.training import EpochSampler, LossParts, StageTrainer, score
@@ -38,8 +38,8 @@ def encode(
         raise ValueError(
             "the chat template renders the answer somewhere other than after the prompt"
         )
-    prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_turns(tokenizer, head, [prompt])
+    response_ids = encode_turns(tokenizer, full[len(head) :], [response])
     input_ids = (prompt_ids + response_ids)[:max_length]
     if len(input_ids) <= len(prompt_ids):
         return None

@@ -99,9 +99,15 @@ def with_overrides(params: dict[str, Any], *layers: dict[str, Any]) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--dir", type=Path, help="where to build the copy (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, help="a new directory to build the copy in (default: a temp dir)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the copy after success")
     args = parser.parse_args(argv)
+    if args.dir is not None and args.dir.exists():
+        # The copy is committed into and removed after success: never what smoke did not make.
+        print(f"smoke: --dir {args.dir} exists; name a directory that does not", file=sys.stderr)
+        return 2
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="pipeline-smoke-"))
     copy_project(Path.cwd(), work)

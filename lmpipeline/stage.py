@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
+import shutil
 import sys
 import time
 import typing
@@ -24,6 +26,15 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from lmpipeline.data import write_text_atomic
 from lmpipeline.errors import StageError
 from lmpipeline.params import PARAMS_FILE, Params, field_docs, load_params
+
+INPUT: dict[str, bool] = {"input": True}
+"""The metadata of a path field the stage reads: `field(metadata=INPUT)`. It must exist before
+the stage runs, or the stage says which one is missing in one line."""
+
+CHECKPOINTS = Path("checkpoints")
+"""Training checkpoints, outside DVC's outputs: they survive a crash, and go once the stage that
+wrote them has written every output. One folder per configuration: `<family>-<hash>`, the family
+being the stage (`sft`) or one of its training steps (`rag.reader`)."""
 
 TIMINGS = Path(
     "output/timings"
@@ -102,9 +113,48 @@ def load(stage: str, params_file: Path) -> Params | None:
         return None
 
 
+def missing_input(paths: Paths) -> str | None:
+    """Why the stage cannot start (an input path that does not exist), or None."""
+    for f in dataclasses.fields(paths):  # type: ignore[arg-type]
+        value = getattr(paths, f.name)
+        if f.metadata.get("input") and value is not None and not Path(value).exists():
+            return (
+                f"--{f.name} {value}: no such file or directory (where it is another stage's"
+                f" output, `dvc repro {paths.stage}` makes it first)"
+            )
+    return None
+
+
+def checkpoint_folders(family: str) -> list[Path]:
+    """The checkpoint folders of `family` (`rag`) and of its steps (`rag.reader`)."""
+    pattern = re.compile(rf"{re.escape(family)}(\.\w+)?-[0-9a-f]+")
+    found = CHECKPOINTS.glob("*") if CHECKPOINTS.is_dir() else []
+    return sorted(p for p in found if p.is_dir() and pattern.fullmatch(p.name))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def remove_checkpoints(folders: list[Path], stage: str, why: str) -> None:
+    """Remove `folders`, saying how much that freed."""
+    if not folders:
+        return
+    freed = sum(map(folder_bytes, folders))
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(
+        f"{stage}: removed {len(folders)} checkpoint folder(s) {why}: {freed / 1e6:,.1f} MB freed"
+    )
+
+
 def execute(stage: str, run: Run[P], params: Params, paths: P) -> int:
     """Run the stage; print a user's mistake in one line (exit 1); on success write the metrics
-    and timings of a training stage."""
+    and timings of a training stage, then remove its checkpoints."""
+    missing = missing_input(paths)
+    if missing:
+        print(f"{stage}: {missing}", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     try:
         result = run(params, paths)
@@ -117,6 +167,8 @@ def execute(stage: str, run: Run[P], params: Params, paths: P) -> int:
     timings = {**result.timings, "stage_s": round(time.perf_counter() - start, 1)}
     write_text_atomic(paths.timings_file, json.dumps(timings, indent=2) + "\n")
     write_text_atomic(paths.metrics, json.dumps(result.metrics, indent=2) + "\n")
+    # Only now: a crash before this point resumes from them instead of training again.
+    remove_checkpoints(checkpoint_folders(stage), stage, "now that every output is written")
     print(f"{stage}: done in {timings['stage_s']:.0f} s -> {paths.metrics}")
     return 0
 

@@ -22,9 +22,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipeline.params import LaunchParams, TrainingParams
-from lmpipeline.runtime import end_distributed, fingerprint, matmul_flops
+from lmpipeline.runtime import end_distributed, fingerprint, is_main_process, matmul_flops
+from lmpipeline.stage import CHECKPOINTS, checkpoint_folders, remove_checkpoints
 
-CHECKPOINTS = Path("checkpoints")  # outside DVC's outs: survives a crash, removed on success
 FSDP_CONFIG = {
     "version": 2,
     "auto_wrap_policy": "NO_WRAP",  # StageTrainer shards the model itself (see `shard`)
@@ -226,10 +226,17 @@ class StepTimer(TrainerCallback):
         self.trainer.step_seconds += time.perf_counter() - self.start
 
 
-def checkpoint_dir(stage: str, *config: Any) -> Path:
+def checkpoint_dir(family: str, *config: Any) -> Path:
     """One directory per configuration: a crashed run resumes, a changed experiment starts fresh.
-    The number of processes is part of it: a step of 2 processes is not a step of one."""
-    return CHECKPOINTS / f"{stage}-{fingerprint(*config, os.environ.get('WORLD_SIZE', '1'))}"
+    The number of processes is part of it: a step of 2 processes is not a step of one. Those of
+    other configurations of `family` (an earlier experiment's, a crashed run's) are removed:
+    nothing would ever resume from them."""
+    folder = CHECKPOINTS / f"{family}-{fingerprint(*config, os.environ.get('WORLD_SIZE', '1'))}"
+    if is_main_process():
+        stale = [f for f in checkpoint_folders(family) if f.name.startswith(f"{family}-")]
+        stale = [f for f in stale if f != folder]
+        remove_checkpoints(stale, family, "of other configurations")
+    return folder
 
 
 def training_args(
@@ -288,8 +295,10 @@ def last_complete_checkpoint(out: Path) -> Path | None:
 
 
 def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
-    """Train, resuming from the last complete checkpoint of this configuration; clean up on
-    success. Returns the trained model, whole on rank 0 (see `trained_model`)."""
+    """Train, resuming from the last complete checkpoint of this configuration. Returns the
+    trained model, whole on rank 0 (see `trained_model`). The checkpoints stay until the stage
+    has written every output (`stage.execute` removes them): a crash while scoring or saving
+    resumes at the last step instead of training again."""
     out = Path(trainer.args.output_dir)
     resume = last_complete_checkpoint(out)
     if resume:
@@ -297,8 +306,6 @@ def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
     model = trained_model(trainer)
-    if trainer.is_local_process_zero():
-        shutil.rmtree(out, ignore_errors=True)
     end_distributed()  # what follows (scoring, writing) is rank 0's alone
     return model
 
@@ -313,7 +320,9 @@ def trained_model(trainer: StageTrainer) -> torch.nn.Module:
         return trainer.model
     sharded = trainer.model
     plain = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
-    model = plain.from_pretrained(None, config=sharded.config, state_dict=state)
+    model = plain.from_pretrained(
+        None, config=sharded.config, state_dict=state, trust_remote_code=False
+    )
     if sharded.can_generate():
         model.generation_config = sharded.generation_config
     return model.to(trainer.args.device)
@@ -344,9 +353,10 @@ def throughput(
 
 
 def write_curves(log_history: list[dict[str, Any]], plots_dir: Path) -> None:
-    """Train and eval loss against step, as dvclive TSV files (no timestamps)."""
-    if plots_dir.exists():
-        shutil.rmtree(plots_dir)
+    """Train and eval loss against step, as dvclive TSV files (no timestamps). Only the files
+    dvclive writes are replaced: `plots_dir` may hold what is not ours."""
+    shutil.rmtree(plots_dir / "plots" / "metrics", ignore_errors=True)
+    (plots_dir / "metrics.json").unlink(missing_ok=True)
     with Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=False) as live:
         for entry in log_history:
             live.step = entry["step"]

@@ -22,9 +22,12 @@ from lmpipeline.data import (
     RawLine,
     canonical_json,
     eval_mask,
+    jsonl_text,
     prompt_key,
+    publish_dir,
     read_lines,
-    write_jsonl,
+    text_problem,
+    visible,
     write_text_atomic,
 )
 from lmpipeline.errors import StageError
@@ -91,11 +94,13 @@ class ValidationFailed(StageError):
 
 
 def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
-    """One row per non-blank line: status columns, one column per field, the canonical record."""
+    """One row per non-blank line: status columns, one column per field (with its length after
+    stripping and whether anything visible is left), the canonical record."""
     rows = [_row(raw, ds) for raw in lines]
-    columns = ["line", "decoded", "parsed", "error", "obj", *ds.fields, RECORD]
-    frame = pd.DataFrame(rows, columns=columns).astype(
-        {c: object for c in ["error", "obj", *ds.fields, RECORD]}
+    derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
+    columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
+    frame = pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
+        {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
     )
     # For the duplicate message only: where else the same record stands.
     lines_of = frame.groupby(RECORD)["line"].agg(list)
@@ -103,23 +108,71 @@ def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
     return frame
 
 
+CHARS = "__chars"  # suffix of a field's length column: characters after stripping
+VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names each key once: json.loads would keep the last silently."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKey(f"key {key!r} appears twice in the object; keep one")
+        seen.add(key)
+    return dict(pairs)
+
+
+def parse_object(text: str) -> tuple[Any, str | None]:
+    """The JSON value of a line, or why it is not one (never an exception)."""
+    try:
+        return json.loads(text, object_pairs_hook=_object), None
+    except json.JSONDecodeError as err:
+        return None, f"{err.msg} (column {err.colno})"
+    except DuplicateKey as err:
+        return None, str(err)
+    except ValueError as err:  # an integer of thousands of digits
+        return None, f"a value Python's JSON reader refuses: {err}"
+    except RecursionError:
+        return None, "nested deeper than Python's JSON reader allows"
+
+
 def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
     row: dict[str, Any] = {"line": raw.number, "decoded": raw.text is not None, "parsed": False}
     row["error"] = raw.decode_error
     if raw.text is None:
         return row
-    if not ds.jsonl:
-        obj: Any = {"text": raw.text.strip()}
-    else:
-        try:
-            obj = json.loads(raw.text)
-        except json.JSONDecodeError as err:
-            row["error"] = f"{err.msg} (column {err.colno})"
+    # The line itself first: a raw control character or a byte-order mark is no text, in a
+    # JSON line as in a passage (JSON would only say "invalid control character").
+    obj: Any = {"text": raw.text.strip()}
+    problem = text_problem(raw.text, multiline=False)
+    if ds.jsonl and problem is None:
+        obj, row["error"] = parse_object(raw.text)
+        if row["error"] is not None:
             return row
         if not isinstance(obj, dict):
             row["error"] = f"a JSON {type(obj).__name__}, not an object"
             return row
-    row.update(parsed=True, obj=obj, **{f: obj.get(f) for f in ds.fields})
+        problem = next(  # escapes such as \u0000 decode to what the line could not hold
+            (
+                f"'{f}' holds a {p}"
+                for f in ds.fields
+                if isinstance(obj.get(f), str) and (p := text_problem(obj[f], multiline=True))
+            ),
+            None,
+        )
+    row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
+    if problem is not None:  # what is not text goes no further, not even into pandas' columns
+        return row
+    for f in ds.fields:
+        value = obj.get(f)
+        row[f] = value
+        if isinstance(value, str):
+            row[f + CHARS] = len(value.strip())
+            row[f + VISIBLE] = bool(visible(value))
     row[RECORD] = canonical_json({f: obj.get(f) for f in ds.fields})
     return row
 
@@ -131,7 +184,10 @@ def add_split(frame: pd.DataFrame, ds: Dataset, eval_fraction: float, seed: int)
     frame["leaks_to"] = pd.Series([None] * len(frame), dtype=object, index=frame.index)
     parsed = frame.index[frame["parsed"]]
     frame.loc[parsed, "eval"] = eval_mask(len(parsed), eval_fraction, seed)
-    keys = frame.loc[parsed, ds.split_key].map(lambda v: prompt_key(v) if isinstance(v, str) else v)
+    # A value that is no string (an object, a list) has no key: its type check reports it.
+    keys = frame.loc[parsed, ds.split_key].map(
+        lambda v: prompt_key(v) if isinstance(v, str) else None
+    )
     for _key, group in frame.loc[parsed].groupby(keys, sort=False):
         if group["eval"].nunique() > 1:
             for idx in group.index:
@@ -160,6 +216,14 @@ def build_checks(ds: Dataset, params: Params) -> list[Check]:
                 lambda r: f"not one well-formed JSON object: {r['error']}",
             )
         )
+    checks.append(
+        Check(
+            # null where the line did not decode or parse: those checks above speak for it
+            gxe.ExpectColumnValuesToBeInSet(column="is_text", value_set=[True]),
+            RECORD,
+            lambda r: f"not text: {r['error']}",
+        )
+    )
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
         checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name))
@@ -201,17 +265,17 @@ def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
             lambda r: f"'{name}' must be a string, got {type(r[name]).__name__} {r[name]!r:.40}",
         ),
         Check(
-            gxe.ExpectColumnValuesToMatchRegex(column=name, regex=r"\S"),
+            gxe.ExpectColumnValuesToBeInSet(column=name + VISIBLE, value_set=[True]),
             name,
-            lambda r: f"'{name}' is empty or whitespace only",
+            lambda r: f"'{name}' is empty once whitespace and invisible characters are removed",
         ),
         Check(
-            gxe.ExpectColumnValueLengthsToBeBetween(
-                column=name, min_value=bounds.min_chars, max_value=bounds.max_chars
+            gxe.ExpectColumnValuesToBeBetween(
+                column=name + CHARS, min_value=bounds.min_chars, max_value=bounds.max_chars
             ),
             name,
             lambda r: (
-                f"'{name}' has {len(r[name])} characters, outside "
+                f"'{name}' has {r[name + CHARS]} characters once stripped, outside "
                 f"[{bounds.min_chars}, {bounds.max_chars}] ({param} in params.yaml)"
             ),
         ),
@@ -242,10 +306,11 @@ def run_suite(frame: pd.DataFrame, name: str, checks: list[Check]) -> tuple[list
         check = checks[i]
         for idx in res.result.get("unexpected_index_list") or []:
             row = frame.loc[idx]
-            # A line that did not decode or parse has no fields to speak of.
-            if check.field != RECORD and not row["parsed"]:
+            # A line that did not decode, parse or hold text has no fields to speak of.
+            usable = row["parsed"] and row["is_text"]
+            if check.field != RECORD and not usable:
                 continue
-            slot = (int(row["line"]), check.field if row["parsed"] else RECORD)
+            slot = (int(row["line"]), check.field if usable else RECORD)
             if slot not in failed or failed[slot][0] > i:
                 failed[slot] = (i, check.message(row))
     problems = sorted(
@@ -299,8 +364,14 @@ def write_outputs(frame: pd.DataFrame, ds: Dataset, output: Path) -> None:
         write_text_atomic(output, "".join(t + "\n" for t in frame["text"]))
         return
     fields = [*ds.fields, *(["gold"] if "gold" in frame else [])]  # rag: each question's golds
-    for name, rows in (("train", frame[~frame["eval"]]), ("eval", frame[frame["eval"]])):
-        write_jsonl(output / f"{name}.jsonl", rows[fields].to_dict(orient="records"))
+    splits = (("train", frame[~frame["eval"]]), ("eval", frame[frame["eval"]]))
+    publish_dir(
+        output,
+        {
+            f"{name}.jsonl": jsonl_text(rows[fields].to_dict(orient="records"))
+            for name, rows in splits
+        },
+    )
 
 
 def validate_file(

@@ -9,7 +9,7 @@ Blocks, masking and the loss are in `lmpipeline.cpt`; the Trainer, resume and ti
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,7 +29,7 @@ from lmpipeline.data import file_digest, read_passages
 from lmpipeline.models import check_positions, load_tokenizer, resolve_model
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
-from lmpipeline.stage import StageResult, TrainingPaths
+from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 from lmpipeline.training import (
     checkpoint_dir,
     describe,
@@ -43,7 +43,7 @@ from lmpipeline.training import (
 @dataclass(frozen=True, kw_only=True)
 class CptPaths(TrainingPaths):
     stage: ClassVar[str] = "cpt"
-    data: Path
+    data: Path = field(metadata=INPUT)
     """The validated passages, one per line."""
     output: Path
     """Where the encoder goes (a Hugging Face directory)."""

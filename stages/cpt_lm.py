@@ -11,7 +11,7 @@ model unchanged, so `sft` always starts from `output/cpt_lm`.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +25,7 @@ from lmpipeline.models import check_positions
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.sft import flops_per_token, with_lora
-from lmpipeline.stage import StageResult, TrainingPaths
+from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 from lmpipeline.training import (
     checkpoint_dir,
     describe,
@@ -39,9 +39,9 @@ from lmpipeline.training import (
 @dataclass(frozen=True, kw_only=True)
 class CptLmPaths(TrainingPaths):
     stage: ClassVar[str] = "cpt_lm"
-    base: Path
+    base: Path = field(metadata=INPUT)
     """The causal LM to adapt (a Hugging Face directory: output/sft_base)."""
-    data: Path
+    data: Path = field(metadata=INPUT)
     """The validated passages, one per line."""
     output: Path
     """Where the adapted model goes (a Hugging Face directory)."""
@@ -56,7 +56,7 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     set_seed(seed)
     device = resolve_device(params.device)
     mode = precision(params.fp16, device)
-    tokenizer = AutoTokenizer.from_pretrained(paths.base)
+    tokenizer = AutoTokenizer.from_pretrained(paths.base, trust_remote_code=False)
     model = load_causal_lm(paths.base, device)
     check_positions(model, cfg.max_length, "cpt_lm.max_length")
 

@@ -13,7 +13,7 @@ RagSequenceForGeneration: `lmpipeline.rag.rag_sequence_train`). The flow they sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,19 +29,19 @@ from lmpipeline.rag.cpt_sft_train import CptSftBackend
 from lmpipeline.rag.knowledge import KnowledgeBase, Questions, knowledge_base
 from lmpipeline.rag.rag_sequence_train import RagSequenceBackend
 from lmpipeline.runtime import precision, resolve_device
-from lmpipeline.stage import StageResult, TrainingPaths
+from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 
 
 @dataclass(frozen=True, kw_only=True)
 class RagPaths(TrainingPaths):
     stage: ClassVar[str] = "rag"
-    cpt: Path
+    cpt: Path = field(metadata=INPUT)
     """The CPT encoder directory (cpt-sft: the retriever's start)."""
-    sft: Path
+    sft: Path = field(metadata=INPUT)
     """The SFT model directory (cpt-sft: the generator)."""
-    data: Path
+    data: Path = field(metadata=INPUT)
     """The directory with the validated train.jsonl and eval.jsonl questions."""
-    pretrain: Path
+    pretrain: Path = field(metadata=INPUT)
     """The validated passages, one per line."""
     output: Path
     """Where the system goes (what `rag-ask` loads)."""

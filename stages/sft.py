@@ -9,7 +9,7 @@ the Trainer, resume and timings in `lmpipeline.training`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,7 +30,7 @@ from lmpipeline.sft import (
     samples_markdown,
     with_lora,
 )
-from lmpipeline.stage import StageResult, TrainingPaths
+from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 from lmpipeline.training import (
     checkpoint_dir,
     describe,
@@ -44,9 +44,9 @@ from lmpipeline.training import (
 @dataclass(frozen=True, kw_only=True)
 class SftPaths(TrainingPaths):
     stage: ClassVar[str] = "sft"
-    base: Path
+    base: Path = field(metadata=INPUT)
     """The model directory to fine-tune."""
-    data: Path
+    data: Path = field(metadata=INPUT)
     """The directory with the validated train.jsonl and eval.jsonl."""
     output: Path
     """Where the fine-tuned model goes (a Hugging Face directory)."""

@@ -27,6 +27,7 @@ from lmpipeline.data import read_passages, write_text_atomic
 from lmpipeline.errors import StageError
 from lmpipeline.params import Params
 from lmpipeline.rag.knowledge import gold_chunks, passage_chunks
+from lmpipeline.stage import INPUT
 from lmpipeline.validation import DATASETS, render_report, validate_file, write_outputs
 
 
@@ -34,7 +35,7 @@ from lmpipeline.validation import DATASETS, render_report, validate_file, write_
 class ValidatePaths:
     dataset: str = field(metadata={"choices": sorted(DATASETS)})
     """The kind of data: pretrain (text), sft or rag (JSONL)."""
-    input: Path
+    input: Path = field(metadata=INPUT)
     """The user's data file."""
     output: Path
     """The canonical file (pretrain), or the directory of train.jsonl and eval.jsonl."""
@@ -42,7 +43,7 @@ class ValidatePaths:
     """Counts, as JSON (a DVC metric)."""
     report: Path
     """Every expectation and its result, as Markdown."""
-    passages: Path | None = None
+    passages: Path | None = None  # checked by add_golds, which says which stage makes it
     """rag: the validated passages (output of validate_pretrain), whose chunks state answers."""
 
     @property

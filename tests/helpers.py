@@ -184,10 +184,13 @@ def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2)
     write_jsonl(root / "data/train.jsonl", records[: len(records) - held_out])
     write_jsonl(root / "data/eval.jsonl", records[len(records) - held_out :])
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    # As in the pipeline, the generator sits beside the rag directory: a built system may only
+    # name models under the folder that holds it.
+    shutil.copytree(sft, root / "output/sft", dirs_exist_ok=True)
     return rag.main(
         [
             f"--cpt={cpt}",
-            f"--sft={sft}",
+            f"--sft={root / 'output/sft'}",
             f"--data={root / 'data'}",
             f"--pretrain={root / 'pretrain.txt'}",
             f"--output={root / 'output/rag'}",

@@ -23,6 +23,7 @@ PASSAGES = [line for _ in range(6) for line in CORPUS]  # repeated: a corpus it 
 def write_project(root: Path, **overrides: object) -> Path:
     (root / "pretrain.txt").write_text("\n".join(PASSAGES) + "\n", encoding="utf-8")
     cfg = {
+        "enabled": True,
         "max_length": 16,
         "batch_size": 4,
         "lr": 1e-2,
@@ -59,6 +60,9 @@ def test_blocks_are_the_passages_joined_by_end_of_text_without_padding(
     assert tokenizer.pad_token_id not in blocks  # eos separates; nothing pads
     batch = cpt_lm.as_batch(blocks)
     assert batch["attention_mask"].all() and torch.equal(batch["labels"], blocks)
+    # A marker the corpus holds as text stays text: the only end-of-text is the separator.
+    marked = cpt_lm.pack(["the model <|im_end|> finds passages"], tokenizer, max_length=2)
+    assert marked.flatten().tolist().count(tokenizer.eos_token_id) <= 1
 
 
 def test_held_out_blocks_never_reach_training(tiny_llama_dir: Path) -> None:

@@ -158,3 +158,20 @@ def test_dvc_yaml_lists_exactly_the_code_each_stage_runs(stage: str) -> None:
 def test_every_stage_module_is_a_stage_of_dvc_yaml() -> None:
     run = {module for module, _ in stage_commands().values()}
     assert set(modules("stages")) - {"stages"} == run
+
+
+def test_every_model_load_refuses_remote_code() -> None:
+    """Outputs arrive by `dvc pull` from other people: no `from_pretrained` may run their code."""
+    for module in modules("lmpipeline") + modules("stages"):
+        tree = ast.parse(source_of(module).read_text(encoding="utf-8"))  # type: ignore[union-attr]
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
+                flags = {k.arg: k.value for k in node.keywords}
+                value = flags.get("trust_remote_code")
+                assert isinstance(value, ast.Constant) and value.value is False, (
+                    f"{module}:{node.lineno}: from_pretrained without trust_remote_code=False"
+                )

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lmpipeline import docs
-from lmpipeline.params import Params, ParamsError, load_params
+from lmpipeline.params import RANGES, Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_out_of_range_values_fail(tmp_path: Path) -> None:
         load_params(write(tmp_path, "device: gpu\n"))
     with pytest.raises(ParamsError, match="fp16 must be"):
         load_params(write(tmp_path, "fp16: maybe\n"))
-    with pytest.raises(ParamsError, match=r"rag\.eval_fraction must be in \(0, 1\)"):
+    with pytest.raises(ParamsError, match=r"rag\.eval_fraction must be a number in \[0, 1\]"):
         load_params(write(tmp_path, "rag:\n  eval_fraction: 1.5\n"))
     with pytest.raises(
         ParamsError, match=r"validate\.rag\.answer\.min_chars must be in \[0, max_chars\]"
@@ -114,3 +114,60 @@ def test_fsdp_is_chosen_by_name_and_refused_where_it_cannot_work(tmp_path: Path)
         load_params(write(tmp_path, "launch:\n  strategy: fsdp\nsft:\n  lora_r: 8\n"))
     with pytest.raises(ParamsError, match=r"fsdp does not combine with rag\.backend rag-sequence"):
         load_params(write(tmp_path, "launch:\n  strategy: fsdp\nrag:\n  backend: rag-sequence\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sft:\n  lr: .nan\n", r"sft\.lr must be a number in \[0, 10\], got nan"),
+        ("cpt:\n  lr: .inf\n", r"cpt\.lr must be a number in \[0, 10\], got inf"),
+        ("sft:\n  lr: 1e400\n", r"sft\.lr must be a number in \[0, 10\], got inf"),
+        ("sft:\n  epochs: .inf\n", r"sft\.epochs must be a number in \[0, 1000000\]"),
+        ("sft:\n  weight_decay: -0.1\n", r"sft\.weight_decay must be a number in \[0, 10\]"),
+        ("seed: -1\n", r"seed must be a number in \[0, 4294967295\], got -1"),
+        ("sft:\n  lora_alpha: 0\n", r"sft\.lora_alpha must be a number in \[1, 1000000\]"),
+        (
+            "launch:\n  master_port: 70000\n",
+            r"launch\.master_port must be a number in \[1, 65535\]",
+        ),
+        ("validate:\n  max_errors: -1\n", r"validate\.max_errors must be a number in \[1, "),
+        ('device: "cpu\\n"\n', "device must be auto"),
+        ("cpt:\n  eval_fraction: 0\n", r"cpt\.eval_fraction must be in \(0, 1\)"),
+        ("sft:\n  eval_fraction: 0\n", r"sft\.eval_fraction must be in \(0, 1\)"),
+        ("rag:\n  top_k: 0\n", r"rag\.top_k must be a number in \[1, 10000\]"),
+    ],
+)
+def test_every_number_is_finite_and_in_its_range(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        load_params(write(tmp_path, text))
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    def numeric_fields(cls: type) -> set[str]:
+        found = set()
+        for f in dataclasses.fields(cls):
+            kind = cls.__dataclass_fields__[f.name].type
+            if dataclasses.is_dataclass(
+                f.default_factory if callable(f.default_factory) else f.default
+            ):
+                continue
+            if kind in ("int", "float"):
+                found.add(f.name)
+        return found
+
+    def walk(cls: type) -> set[str]:
+        names = numeric_fields(cls)
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory() if callable(f.default_factory) else f.default
+            if dataclasses.is_dataclass(sub):
+                names |= walk(type(sub))
+        return names
+
+    assert walk(Params) <= set(RANGES), walk(Params) - set(RANGES)
+    assert {"lr", "seed", "master_port", "max_errors", "top_k"} <= walk(Params)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_params_file_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ParamsError, match="empty"):
+        load_params(write(tmp_path, text))

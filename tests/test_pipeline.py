@@ -202,7 +202,7 @@ def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path)
     ("setting", "reruns"),
     [
         ("sft.lr=3e-5", {"sft", "rag"}),  # not cpt_lm, which SFT starts from
-        ("cpt_lm.lr=3e-5", {"cpt_lm", "sft", "rag"}),
+        pytest.param("cpt_lm.lr=3e-5", {"cpt_lm", "sft", "rag"}, marks=pytest.mark.slow),
         ("cpt.mlm_probability=0.2", {"cpt", "rag"}),
         ("rag.top_k=2", {"rag"}),
         ("rag.chunk_words=50", {"validate_rag", "rag"}),  # new chunks, new golds
@@ -308,8 +308,10 @@ def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> 
 
 def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
     baseline(repo)
+    # Long enough to add packed blocks: the adapted generator changes, so SFT reruns from it.
+    passage = " ".join(["One more passage of domain text about masked language models."] * 12)
     with (repo / "data/pretrain.txt").open("a", encoding="utf-8") as f:
-        f.write("One more passage of domain text about masked language models and retrieval.\n")
+        f.write(passage + "\n")
     try:
         assert ran(sh(repo, "dvc", "repro")) == {
             "validate_pretrain",
@@ -330,9 +332,12 @@ def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
         ("sft.lrr=1", "sft.lrr"),  # DVC itself refuses a key params.yaml does not have
         ("+sft.lrr=1", "sft: params.yaml: unknown key 'sft.lrr'"),
         ("sft.batch_size=abc", "sft: params.yaml: sft.batch_size must be int"),
-        ("sft.lr=-1", "sft: params.yaml: sft.lr must be > 0"),
+        ("sft.lr=-1", "sft: params.yaml: sft.lr must be a number in [0, 10], got -1.0"),
         ("rag.eval_fraction=1", "validate_rag: params.yaml: rag.eval_fraction must be in (0, 1)"),
-        ("cpt.mlm_probability=1.5", "cpt: params.yaml: cpt.mlm_probability must be in (0, 1)"),
+        (
+            "cpt.mlm_probability=1.5",
+            "cpt: params.yaml: cpt.mlm_probability must be a number in [0, 1]",
+        ),
     ],
 )
 def test_bad_params_stop_exp_run_before_training_naming_the_key(

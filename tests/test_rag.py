@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from lmpipeline.chat import prompt_text
+from lmpipeline.chat import encode_turns, prompt_text
 from lmpipeline.params import ParamsError, RagParams, RagTrainingParams, load_params
 from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation, reader
 from lmpipeline.rag.index import pooled
@@ -328,7 +329,7 @@ def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(
     out = tmp_path / "output/rag"
     config = json.loads((out / "config.json").read_text())
     assert config["generator"] == "generator"
-    assert (out / config["closed_book_generator"]).resolve() == tiny_llama_dir.resolve()
+    assert (out / config["closed_book_generator"]).resolve() == (tmp_path / "output/sft").resolve()
     taught = AutoModelForCausalLM.from_pretrained(out / "generator")
     sft = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert any(
@@ -359,7 +360,7 @@ def test_ask_names_a_missing_generator(
     config = json.loads((moved / "config.json").read_text())
     (moved / "config.json").write_text(json.dumps({**config, "generator": "../sft"}))
     assert ask.main(["what?", f"--rag={moved}"]) == 1
-    assert "names the generator" in capsys.readouterr().err
+    assert "generator '../sft' holds no model" in capsys.readouterr().err
 
 
 def test_no_held_out_question_is_refused_in_one_line(
@@ -383,3 +384,103 @@ def test_rag_params_refuse_what_cannot_run() -> None:
 def test_default_params_load_with_rag_keys() -> None:
     cfg = load_params(Path(__file__).resolve().parents[1] / "params.yaml").rag
     assert cfg.retriever in {"dense", "bm25", "hybrid"} and cfg.index == "flat"
+
+
+@pytest.mark.parametrize("question", ["", "   ", "\u200b\u200d \t"])
+def test_ask_refuses_an_empty_question(
+    built: tuple[Path, dict], question: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = built
+    assert ask.main([question, f"--rag={root / 'output/rag'}"]) == 1
+    assert capsys.readouterr().err == "ask: the question is empty\n"
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1", "two", "1000"])
+def test_ask_refuses_a_top_k_that_is_no_count_of_passages(
+    built: tuple[Path, dict], top_k: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = built
+    with pytest.raises(SystemExit) as exit_:
+        ask.main(["what?", f"--rag={root / 'output/rag'}", f"--top-k={top_k}"])
+    assert exit_.value.code == 2
+    assert "argument --top-k" in capsys.readouterr().err
+
+
+def test_a_question_longer_than_the_generator_context_is_shortened_not_a_crash(
+    built: tuple[Path, dict],
+) -> None:
+    root, _ = built
+    system = ask.load_system(root / "output/rag", "cpu")
+    budget = system.prompt_budget()
+    assert budget is not None and budget < 200  # the tiny generator: 128 positions
+    question = " ".join(["retriever"] * 5000) + " ?"
+    answer = system.ask(question)
+    assert isinstance(answer.text, str) and answer.passages
+    prompt = cpt_sft.fitted_prompt(
+        system.config, question, answer.passages, system.generator_tokenizer, budget
+    )
+    rendered = prompt_text(system.generator_tokenizer, prompt)
+    assert len(encode_turns(system.generator_tokenizer, rendered, [prompt])) <= budget
+    assert prompt.split("Question: ")[1].startswith("retriever retriever")  # cut from its end
+
+
+def break_config(rag: Path) -> None:
+    (rag / "config.json").write_text("{not json")
+
+
+def unknown_key(rag: Path) -> None:
+    config = json.loads((rag / "config.json").read_text())
+    (rag / "config.json").write_text(json.dumps({**config, "temperature": 0.7}))
+
+
+def absolute_generator(rag: Path) -> None:
+    config = json.loads((rag / "config.json").read_text())
+    (rag / "config.json").write_text(json.dumps({**config, "generator": "/usr/lib"}))
+
+
+def truncate_index(rag: Path) -> None:
+    data = (rag / "index.faiss").read_bytes()
+    (rag / "index.faiss").write_bytes(data[: len(data) // 2])
+
+
+def drop_a_passage(rag: Path) -> None:
+    lines = (rag / "passages.jsonl").read_text().splitlines(keepends=True)
+    (rag / "passages.jsonl").write_text("".join(lines[:-1]))
+
+
+def garble_passages(rag: Path) -> None:
+    (rag / "passages.jsonl").write_text('{"id": "p1.0"}\n')
+
+
+def remove_bm25(rag: Path) -> None:
+    shutil.rmtree(rag / "bm25")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "says"),
+    [
+        (break_config, "config.json", "not readable JSON"),
+        (unknown_key, "config.json", "unknown key 'temperature'"),
+        (absolute_generator, "config.json", "generator '/usr/lib' is not a folder beside it"),
+        (truncate_index, "index.faiss", "not a FAISS index"),
+        (drop_a_passage, "index.faiss", "vectors for"),
+        (garble_passages, "passages.jsonl", "not a passages file"),
+        (remove_bm25, "bm25", "missing"),
+    ],
+)
+def test_a_damaged_system_is_one_line_naming_the_file_and_the_fix(
+    built: tuple[Path, dict],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: Callable[[Path], None],
+    file: str,
+    says: str,
+) -> None:
+    root, _ = built
+    shutil.copytree(root / "output", tmp_path / "output")  # the rag directory and the models
+    rag = tmp_path / "output/rag"
+    damage(rag)
+    assert ask.main(["what does the retriever do?", f"--rag={rag}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ask: {rag / file}: ") and says in err, err
+    assert "dvc checkout output/rag" in err and err.count("\n") == 1

@@ -1,11 +1,16 @@
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from lmpipeline import validation
-from lmpipeline.data import eval_mask, read_jsonl
+from lmpipeline.data import eval_mask, read_jsonl, read_passages
 from lmpipeline.params import load_params
+from lmpipeline.rag.knowledge import passage_chunks
+from stages import cpt as cpt_stage
+from stages import rag as rag_stage
+from stages import sft as sft_stage
 from stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +61,20 @@ def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
         (b'{"prompt": "Explain warmup \xe9 please", "response": "ok"}\n', "not valid UTF-8"),
         (b'{"prompt": "Explain warmup please", "response": null}\n', "'response' is null"),
         (b"[1, 2]\n", "a JSON list, not an object"),
+        # Text that is not text (issue 16): each was accepted, or crashed, before.
+        (b'{"prompt": "Explain \\u0000 warmup", "response": "ok"}\n', "control character U+0000"),
+        (b'{"prompt": "Explain warmup", "response": "o\x01k"}\n', "control character U+0001"),
+        (b'{"prompt": "Explain warmup", "response": "ok \xc2\x85"}\n', "control character U+0085"),
+        (b'{"prompt": "Explain \\ud800 warmup", "response": "ok"}\n', "lone surrogate U+D800"),
+        (b'{"prompt": "Explain warmup", "response": "\xe2\x80\x8b \xe2\x80\x8d"}\n', "empty once"),
+        (b'\xef\xbb\xbf{"prompt": "Explain warmup", "response": "ok"}\n', "U+FEFF at column 1"),
+        (b'{"prompt": "Explain warmup", "prompt": "Explain x", "response": "ok"}\n', "twice"),
+        (b'{"prompt": "   a   ", "response": "ok"}\n', "'prompt' has 1 characters once stripped"),
+        # Values that crashed the stage with a traceback.
+        (b'{"prompt": {"a": 1}, "response": "ok"}\n', "'prompt' must be a string, got dict"),
+        (b'{"prompt": ["a"], "response": "ok"}\n', "'prompt' must be a string, got list"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "nested deeper"),
+        (b'{"prompt": "Explain warmup", "response": ' + b"9" * 5000 + b"}\n", "refuses"),
     ],
 )
 def test_bad_line_is_rejected_with_file_and_line_and_nothing_written(
@@ -102,7 +121,7 @@ def test_bom_crlf_blank_lines_and_extra_fields_are_accepted(
     assert all(set(r) == {"prompt", "response"} for r in train + held_out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["records"] == len(GOOD) and metrics["with_extra_fields"] == len(GOOD)
-    assert "12/12 expectations met" in (out / "report.md").read_text()
+    assert "13/13 expectations met" in (out / "report.md").read_text()
 
 
 def test_prompt_repeated_across_train_and_eval_is_leakage(
@@ -212,3 +231,75 @@ def test_rag_without_validated_passages_is_refused_in_one_line(
         " that state each answer: run `dvc repro validate_pretrain` first"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "separator", ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\x00"]
+)
+def test_a_control_character_inside_a_passage_is_refused_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], separator: str
+) -> None:
+    """str.splitlines would cut such a passage in two downstream; it is no text: refused."""
+    lines = [f"Passage number {i} is long enough to pass." for i in range(4)]
+    lines[2] = f"Passage number 2 has a{separator}separator inside it."
+    assert run(tmp_path, "pretrain", ("\n".join(lines) + "\n").encode()) == 1
+    err = errors(capsys)
+    assert err[0].startswith(f"{tmp_path / 'input.txt'}:3: not text: control character U+")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unicode_line_separators_keep_one_passage_and_its_ids_everywhere(tmp_path: Path) -> None:
+    """U+2028 and U+2029 are text: validation keeps each such passage as one record, and the
+    readers of cpt, cpt_lm and rag see the same passages under the same line numbers."""
+    lines = [
+        f"Passage {i} holds a line\u2028separator and a\u2029paragraph break." for i in range(5)
+    ]
+    assert run(tmp_path, "pretrain", ("\n".join(lines) + "\n").encode()) == 0
+    validated = read_passages(tmp_path / "out/data")
+    assert validated == lines
+    chunks = passage_chunks(validated, size=100, overlap=20)
+    assert [c.entry.id for c in chunks] == [f"p{n}.0" for n in range(1, 6)]
+
+
+def test_a_missing_or_unreadable_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "params.yaml").write_text("seed: 3\n", encoding="utf-8")
+    for source, why in ((tmp_path / "nowhere.txt", "no such file"), (tmp_path, "a directory,")):
+        args = ["pretrain", f"--input={source}", f"--output={tmp_path / 'out'}"]
+        args += [f"--metrics={tmp_path / 'm.json'}", f"--report={tmp_path / 'r.md'}"]
+        assert validate.main([*args, f"--params={tmp_path / 'params.yaml'}"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("validate_pretrain: ") and f"{source}: {why}" in err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "args", "missing"),
+    [
+        (cpt_stage, "--data none.txt --output o", "--data"),
+        (sft_stage, "--base none --data none --output o --samples s.md", "--base"),
+        (
+            rag_stage,
+            "--cpt none --sft none --data none --pretrain none --output o --predictions p.jsonl",
+            "--cpt",
+        ),
+    ],
+)
+def test_a_stage_run_before_its_inputs_exist_says_which_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stage: ModuleType,
+    args: str,
+    missing: str,
+) -> None:
+    """`python -m stages.cpt` before `dvc repro validate_pretrain` (say): one line, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 3\n", encoding="utf-8")
+    assert stage.main([*args.split(), "--metrics", "m.json", "--plots", "plots"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{missing} none" in err and "no such file or directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written

@@ -17,13 +17,14 @@ from transformers.utils import logging as hf_logging
 
 from lmpipeline.errors import SetupError, StageError
 from lmpipeline.rag import cpt_sft, rag_sequence
-from lmpipeline.rag.system import System, SystemConfig
+from lmpipeline.rag.system import System, SystemConfig, check_question
 
 SYSTEMS = {
     cpt_sft.BACKEND: cpt_sft.CptSftSystem,
     rag_sequence.BACKEND: rag_sequence.RagSequenceSystem,
 }
 PREVIEW_WORDS = 12
+MAX_TOP_K = 100
 
 
 def load_system(path: Path | str = "output/rag", device: str = "auto") -> System:
@@ -36,15 +37,27 @@ def load_system(path: Path | str = "output/rag", device: str = "auto") -> System
     return SYSTEMS[config.backend].load(path, config, device)
 
 
+def top_k(text: str) -> int:
+    """--top-k: a whole number of passages, at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of passages, not {text!r}") from None
+    if not 1 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_TOP_K} passages, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Answer a question with the trained RAG system")
     parser.add_argument("question")
     parser.add_argument("--rag", type=Path, default=Path("output/rag"), help="rag directory")
-    parser.add_argument("--top-k", type=int, default=None, help="passages in the prompt")
+    parser.add_argument("--top-k", type=top_k, default=None, help="passages in the prompt")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # loading bars would bury a one-line answer
     try:
+        check_question(args.question)
         system = load_system(args.rag, args.device)
     except StageError as err:
         print(err.report("ask"), file=sys.stderr)

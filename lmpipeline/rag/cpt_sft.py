@@ -12,17 +12,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bm25s
-import faiss
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from lmpipeline.chat import generate, load_causal_lm, load_chat_tokenizer, prompt_text
+from lmpipeline.chat import (
+    encode_turns,
+    generate,
+    load_causal_lm,
+    load_chat_tokenizer,
+    prompt_text,
+)
 from lmpipeline.errors import SetupError
 from lmpipeline.rag.index import CANDIDATES, embed, fuse, search
-from lmpipeline.rag.knowledge import read_entries
 from lmpipeline.rag.lexical import bm25_search
-from lmpipeline.rag.system import INDEX_FILE, Answer, Hit, SystemConfig, hits
+from lmpipeline.rag.system import (
+    Answer,
+    Hit,
+    SystemConfig,
+    broken,
+    hits,
+    load_entries,
+    load_index,
+    model_dir,
+)
 from lmpipeline.runtime import resolve_device
 
 BACKEND = "cpt-sft"
@@ -58,14 +71,27 @@ def fitted_prompt(
     budget: int | None,
 ) -> str:
     """The prompt, with passages shortened (halving their words) until its chat rendering fits
-    `budget` tokens: a generator with a short context (GPT-2: 1,024) still gets every passage."""
+    `budget` tokens: a generator with a short context (GPT-2: 1,024) still gets every passage.
+    Where passages of one word each still do not fit, the question gives way last, from its end;
+    a context too short for the prompt's own words is refused, never overrun."""
     max_words = max((len(h.entry.text.split()) for h in hits), default=0)
     while True:
         prompt = rag_prompt(config, question, hits, max_words)
-        rendered = prompt_text(tokenizer, prompt)
-        if budget is None or max_words <= 1 or len(tokenizer(rendered)["input_ids"]) <= budget:
+        if budget is None:
             return prompt
-        max_words //= 2
+        over = len(encode_turns(tokenizer, prompt_text(tokenizer, prompt), [prompt])) - budget
+        if over <= 0:
+            return prompt
+        if max_words > 1:
+            max_words //= 2
+            continue
+        words = question.split()
+        if not words:
+            raise SetupError(
+                f"the generator's context leaves {budget} tokens for the prompt, fewer than its"
+                " template takes: use a generator with a longer context or a lower max_new_tokens"
+            )
+        question = " ".join(words[: len(words) - over])  # a word is at least a token
 
 
 class CptSftSystem:
@@ -73,24 +99,33 @@ class CptSftSystem:
 
     def __init__(self, path: Path, config: SystemConfig, device: torch.device) -> None:
         self.path, self.config = path, config
-        self.entries = read_entries(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path / RETRIEVER_DIR)
-        self.encoder = AutoModel.from_pretrained(path / RETRIEVER_DIR, use_safetensors=True)
+        generator = model_dir(path, config.generator, "generator")
+        self.closed_book_dir = (
+            model_dir(path, config.closed_book_generator, "closed_book_generator")
+            if config.closed_book_generator
+            else None
+        )
+        self.entries = load_entries(path)
+        retriever = path / RETRIEVER_DIR
+        if not (retriever / "config.json").is_file():
+            raise broken(retriever, "holds no encoder")
+        if not (path / BM25_DIR).is_dir():
+            raise broken(path / BM25_DIR, "missing")
+        self.tokenizer = AutoTokenizer.from_pretrained(retriever, trust_remote_code=False)
+        self.encoder = AutoModel.from_pretrained(
+            retriever, use_safetensors=True, trust_remote_code=False
+        )
         self.encoder.to(device).eval()
-        self.index = faiss.read_index(str(path / INDEX_FILE))
-        self.bm25 = bm25s.BM25.load(str(path / BM25_DIR), show_progress=False)
-        generator = (path / str(config.generator)).resolve()
+        self.index = load_index(path, len(self.entries), self.encoder.config.hidden_size)
+        try:
+            self.bm25 = bm25s.BM25.load(str(path / BM25_DIR), show_progress=False)
+        except (OSError, ValueError) as err:
+            raise broken(path / BM25_DIR, f"not a BM25 index ({err})") from None
         self.generator_tokenizer, _ = load_chat_tokenizer(generator)
         self.generator = load_causal_lm(generator, device).eval()
 
     @classmethod
     def load(cls, path: Path, config: SystemConfig, device: str = "auto") -> CptSftSystem:
-        generator = path / str(config.generator)
-        if not (generator / "config.json").is_file():
-            raise SetupError(
-                f"{path}/config.json names the generator {generator}, which holds no model:"
-                " keep output/rag next to output/sft (`dvc pull` or `dvc repro sft`)"
-            )
         return cls(path, config, resolve_device(device))
 
     def rank(self, questions: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,10 +153,9 @@ class CptSftSystem:
         assert self.config.closed_book_prompt is not None
         prompts = [self.config.closed_book_prompt.format(question=q) for q in questions]
         model, tokenizer = self.generator, self.generator_tokenizer
-        if self.config.closed_book_generator:
-            path = (self.path / self.config.closed_book_generator).resolve()
-            tokenizer, _ = load_chat_tokenizer(path)
-            model = load_causal_lm(path, self.generator.device).eval()
+        if self.closed_book_dir is not None:
+            tokenizer, _ = load_chat_tokenizer(self.closed_book_dir)
+            model = load_causal_lm(self.closed_book_dir, self.generator.device).eval()
         return generate(model, tokenizer, prompts, self.config.max_new_tokens, batch_size)
 
     def prompt_budget(self) -> int | None:

@@ -61,7 +61,9 @@ def load_encoder(path: Path | str, device: torch.device) -> PreTrainedModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused, absent pooler would be reported as "new"
     try:
-        return AutoModel.from_pretrained(path, use_safetensors=True).to(device)
+        return AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(
+            device
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -205,7 +207,10 @@ class CptSftBackend:
         """The encoder fine-tuning starts from (module docstring: Start)."""
         source = resolve_model(self.params.cpt.model)
         loaded = {
-            "cpt": (load_encoder(self.cpt, self.device), AutoTokenizer.from_pretrained(self.cpt)),
+            "cpt": (
+                load_encoder(self.cpt, self.device),
+                AutoTokenizer.from_pretrained(self.cpt, trust_remote_code=False),
+            ),
             "base": (load_model(AutoModel, source).to(self.device), load_tokenizer(source)),
         }
         for name, (model, tokenizer) in loaded.items():

@@ -36,8 +36,17 @@ from lmpipeline.errors import SetupError
 from lmpipeline.models import load_model, load_tokenizer, resolve_model
 from lmpipeline.params import RagParams
 from lmpipeline.rag.index import embed, search
-from lmpipeline.rag.knowledge import Entry, read_entries, write_entries
-from lmpipeline.rag.system import INDEX_FILE, Answer, Hit, SystemConfig, hits
+from lmpipeline.rag.knowledge import Entry, write_entries
+from lmpipeline.rag.system import (
+    INDEX_FILE,
+    Answer,
+    Hit,
+    SystemConfig,
+    hits,
+    load_entries,
+    load_index,
+)
+from lmpipeline.rag.system import model_dir as system_model_dir
 from lmpipeline.runtime import resolve_device
 
 BACKEND = "rag-sequence"
@@ -71,7 +80,7 @@ def load_rag(ref: str, n_docs: int) -> tuple[RagSequenceForGeneration, RagTokeni
     model.config.index_name = "custom"
     model.config.passages_path = model.config.index_path = None
     model.config.n_docs = n_docs
-    return model, RagTokenizer.from_pretrained(source.path)
+    return model, RagTokenizer.from_pretrained(source.path, trust_remote_code=False)
 
 
 def embed_entries(entries: Sequence[Entry], cfg: RagParams, device: torch.device) -> np.ndarray:
@@ -140,20 +149,18 @@ class RagSequenceSystem:
 
     def __init__(self, path: Path, config: SystemConfig, device: torch.device) -> None:
         self.config = config
-        self.entries = read_entries(path)
-        model_dir = path / str(config.model)
-        self.tokenizer = RagTokenizer.from_pretrained(model_dir)
-        self.model = RagSequenceForGeneration.from_pretrained(model_dir, use_safetensors=True)
+        model_dir = system_model_dir(path, config.model, "model")
+        self.entries = load_entries(path)
+        self.tokenizer = RagTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.model = RagSequenceForGeneration.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=False
+        )
         self.model.set_retriever(kb_retriever(self.model, self.tokenizer, path))
         self.model.to(device).eval()
-        self.index = faiss.read_index(str(path / INDEX_FILE))
+        self.index = load_index(path, len(self.entries))
 
     @classmethod
     def load(cls, path: Path, config: SystemConfig, device: str = "auto") -> RagSequenceSystem:
-        if not (path / str(config.model) / "config.json").is_file():
-            raise SetupError(
-                f"{path} holds no RAG model (no {config.model}/config.json): rerun the stage"
-            )
         return cls(path, config, resolve_device(device))
 
     def retrieve(self, question: str, k: int | None = None) -> list[Hit]:

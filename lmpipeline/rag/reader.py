@@ -109,7 +109,7 @@ def teach_reader(
     pad_id = tokenizer.pad_token_id  # load_chat_tokenizer gives every tokenizer one
     # The examples are what the retriever gave: a resumed run must have the same ones.
     config = (asdict(cfg), params.seed, params.device, params.fp16, json.dumps(records))
-    out = checkpoint_dir("rag-reader", *config, *map(file_digest, inputs))
+    out = checkpoint_dir("rag.reader", *config, *map(file_digest, inputs))
     args = training_args(cfg, params.seed, device, mode, out, len(examples), params.launch)
     lengths = [len(e.input_ids) for e in examples]
     trainer = StageTrainer(

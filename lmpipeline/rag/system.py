@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import faiss
 import numpy as np
 
-from lmpipeline.data import write_text_atomic
-from lmpipeline.errors import SetupError
-from lmpipeline.rag.knowledge import Entry
+from lmpipeline.data import visible, write_text_atomic
+from lmpipeline.errors import SetupError, StageError
+from lmpipeline.rag.knowledge import PASSAGES_FILE, Entry, read_entries
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "index.faiss"
+REBUILD = "`dvc checkout output/rag` restores the built system, `dvc repro rag` rebuilds it"
+INT_FIELDS = ("top_k", "max_length", "max_new_tokens")
+
+
+def broken(path: Path, what: str) -> SetupError:
+    """A file of a built system that cannot be used, and how to get a good one back."""
+    return SetupError(f"{path}: {what}; {REBUILD}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +62,81 @@ class SystemConfig:
             raise SetupError(
                 f"{directory} holds no RAG system (no {CONFIG_FILE}): run `dvc repro rag`"
             )
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise broken(path, f"not readable JSON ({err})") from None
+        return cls(**checked_config(raw, path))
+
+
+def checked_config(raw: Any, path: Path) -> dict[str, Any]:
+    """The fields of config.json, each known and of its type, or the reason it is not."""
+    if not isinstance(raw, dict):
+        raise broken(path, f"a JSON {type(raw).__name__}, not an object")
+    names = {f.name for f in fields(SystemConfig)}
+    if unknown := sorted(set(raw) - names):
+        raise broken(path, f"unknown key {unknown[0]!r}")
+    if missing := sorted(f for f in ("retriever", "index_type", *INT_FIELDS) if f not in raw):
+        raise broken(path, f"missing key {missing[0]!r}")
+    for key, value in raw.items():
+        number = key in INT_FIELDS
+        ok = (
+            (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            if number
+            else (value is None or isinstance(value, str))
+        )
+        if not ok:
+            kind = "a positive integer" if number else "a string"
+            raise broken(path, f"{key} must be {kind}, got {value!r:.40}")
+    return raw
+
+
+def model_dir(directory: Path, ref: str | None, key: str) -> Path:
+    """A model directory that config.json names relative to the rag directory. It must stay
+    inside the folder that holds the rag directory (output/): a system arrives by `dvc pull`
+    from others, and must not load whatever an absolute or climbing path points at."""
+    root = directory.resolve().parent
+    target = (directory / str(ref)).resolve()
+    if ref is None or Path(ref).is_absolute() or not target.is_relative_to(root):
+        raise broken(
+            directory / CONFIG_FILE, f"{key} {ref!r} is not a folder beside it under {root}"
+        )
+    if not (target / "config.json").is_file():
+        raise SetupError(
+            f"{directory / CONFIG_FILE}: {key} {ref!r} holds no model: keep the rag directory"
+            " next to the models it names (`dvc pull`, or `dvc repro` builds them)"
+        )
+    return target
+
+
+def load_entries(directory: Path) -> list[Entry]:
+    try:
+        return read_entries(directory)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise broken(directory / PASSAGES_FILE, f"not a passages file ({err})") from None
+
+
+def load_index(directory: Path, n_entries: int, dim: int | None = None) -> faiss.Index:
+    """The saved FAISS index, checked against the passages (one vector each) and the encoder."""
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise broken(path, "missing")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:
+        raise broken(path, "not a FAISS index (truncated or damaged)") from None
+    if index.ntotal != n_entries:
+        raise broken(path, f"holds {index.ntotal} vectors for {n_entries} passages")
+    if dim is not None and index.d != dim:
+        raise broken(path, f"holds {index.d}-dimensional vectors; the retriever makes {dim}")
+    return index
+
+
+def check_question(question: str) -> str:
+    """The question, or a one-line refusal of one with nothing to read in it."""
+    if not visible(question):
+        raise StageError("the question is empty")
+    return question
 
 
 @dataclass(frozen=True)
