@@ -1,10 +1,12 @@
 """The pipeline, unchanged, on a corpus no one here wrote: Python's language reference.
 
 CPython ships its reference's topics as plain text (`pydoc_data.topics`: 79 topics, about 65k
-words). The passages are its paragraphs, packed up to about 120 words per line. The questions are
-templated from the reference itself: for each documented signature (`str.split(sep=None, ...)`,
-`object.__len__(self)`, ...) "what does it do", answered by the first sentence of its
-description, which the corpus states word for word. No answer was written or chosen here.
+words). The passages are its paragraphs, packed up to about 120 words per line, each kept once
+(topics repeat each other's sections): 590 passages, 56,615 words with Python 3.11. The
+questions are templated from the reference itself: for each documented signature
+(`str.split(sep=None, ...)`, `object.__len__(self)`, ...) "what does it do", answered by the
+first sentence of its description, which the corpus states word for word. No answer was written
+or chosen here.
 
 It copies the project into a temporary directory (its own git repository and DVC cache, as
 `make smoke` does), puts this corpus and these questions in place of `data/pretrain.txt` and
@@ -12,7 +14,7 @@ It copies the project into a temporary directory (its own git repository and DVC
 retrieval, which is what this corpus tests: the generator is left as the base model (`cpt_lm`
 off, one SFT step, the reader untaught); `-S key=value` changes any param, e.g.
 `-S cpt_lm.enabled=true -S sft.max_steps=0 -S rag.reader.enabled=true` for the full defaults.
-Run it on an otherwise idle machine (about 10 minutes on 2 cores with the defaults here).
+Run it on an otherwise idle machine (about 11 minutes on 2 cores with the defaults here).
 
     python -m benchmarks.second_corpus [-S KEY.PATH=VALUE ...] [--keep]
 """
