@@ -24,10 +24,9 @@ from transformers import (
 )
 
 from lmpipeline.data import eval_mask
-from lmpipeline.metrics import perplexity
 from lmpipeline.models import ModelSource
 from lmpipeline.params import CptParams
-from lmpipeline.training import EpochSampler, LossParts, StageTrainer, score
+from lmpipeline.training import EpochSampler, LossParts, StageTrainer, held_out_scores
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -190,12 +189,7 @@ def flops_per_token(model: PreTrainedModel, mlm_probability: float) -> float:
 
 def evaluate(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Loss, perplexity and accuracy over the pre-masked held-out batches."""
-    loss, accuracy = score(mlm_loss, model, batches)
-    return {
-        "eval_loss": round(loss, 6),
-        "perplexity": round(perplexity(loss), 4),
-        "mask_accuracy": round(accuracy, 6),
-    }
+    return held_out_scores(mlm_loss, model, batches, "mask_accuracy")
 
 
 def fixed_eval_batches(

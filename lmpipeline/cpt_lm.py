@@ -17,10 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArgum
 
 from lmpipeline.data import eval_mask
 from lmpipeline.errors import StageError
-from lmpipeline.metrics import perplexity
 from lmpipeline.params import CptLmParams
 from lmpipeline.sft import causal_loss
-from lmpipeline.training import EpochSampler, StageTrainer, score
+from lmpipeline.training import EpochSampler, StageTrainer, held_out_scores, score
 
 
 def pack(
@@ -66,12 +65,7 @@ def eval_batches(blocks: torch.Tensor, batch_size: int) -> list[dict[str, torch.
 
 def evaluate(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Loss, perplexity and next-token accuracy over the held-out blocks."""
-    loss, accuracy = score(causal_loss, model, batches)
-    return {
-        "eval_loss": round(loss, 6),
-        "perplexity": round(perplexity(loss), 4),
-        "token_accuracy": round(accuracy, 6),
-    }
+    return held_out_scores(causal_loss, model, batches, "token_accuracy")
 
 
 def make_trainer(

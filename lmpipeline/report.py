@@ -73,6 +73,17 @@ def rag_rows(m: dict[str, Any]) -> list[Row]:
             "answer supported",
             f"closed-book {closed['supported']:.3f} → with passages {rag['supported']:.3f}",
         ),
+        (
+            "rag",
+            "supported, refusals aside",
+            f"closed-book {closed['supported_answered']:.3f}"
+            f" → with passages {rag['supported_answered']:.3f}",
+        ),
+        (
+            "rag",
+            "answers refused",
+            f"closed-book {closed['refused']:.3f} → with passages {rag['refused']:.3f}",
+        ),
     ]
 
 

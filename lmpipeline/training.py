@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lmpipeline.metrics import perplexity
 from lmpipeline.params import LaunchParams, TrainingParams
 from lmpipeline.runtime import end_distributed, fingerprint, is_main_process, matmul_flops
 from lmpipeline.stage import CHECKPOINTS, checkpoint_folders, remove_checkpoints
@@ -58,6 +59,18 @@ def score(
         count += int(parts.predicted)
     model.train(was_training)
     return total / max(count, 1), correct / max(count, 1)
+
+
+def held_out_scores(
+    loss_fn: LossFn, model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], accuracy: str
+) -> dict[str, float]:
+    """Loss, perplexity and accuracy (named `accuracy`) of `model` over the held-out `batches`."""
+    loss, correct = score(loss_fn, model, batches)
+    return {
+        "eval_loss": round(loss, 6),
+        "perplexity": round(perplexity(loss), 4),
+        accuracy: round(correct, 6),
+    }
 
 
 def describe(stage: str, label: str, scores: dict[str, float]) -> str:

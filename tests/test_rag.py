@@ -29,6 +29,29 @@ from tests.helpers import (
     word_level_tokenizer,
 )
 
+ANSWER_SCORES = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
+
+
+def test_scores_count_refusals_apart() -> None:
+    """A refusal counts 0 in `supported`, is left out of `supported_answered` and counted in
+    `refused`: the share of content words of the other answers found in their passages."""
+
+    def record(answer: str, supported: float) -> dict[str, object]:
+        mode = {"answer": answer, "supported": supported}
+        return {"reference": "blue sky", "closed_book": mode, "rag": mode}
+
+    records = [
+        record("blue sky", 1.0),
+        record("green grass", 0.5),
+        record(f"  {reader.ABSENT_ANSWER.lower()} ", 0.0),
+    ]
+    scores = evaluation.scores_of(records)["rag"]
+    assert set(scores) == ANSWER_SCORES
+    assert scores["supported"] == 0.5
+    assert scores["supported_answered"] == 0.75
+    assert scores["refused"] == round(1 / 3, 6)
+    assert scores["em"] == round(1 / 3, 6)
+
 
 def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -223,7 +246,7 @@ def test_metrics_have_every_key_of_the_spec(built: tuple[Path, dict]) -> None:
     # The last held-out answer is stated by no passage: counted, and its answers scored apart.
     assert metrics["questions"] == {"held_out": 2, "in_corpus": 1, "not_in_corpus": 1}
     assert set(metrics["answers"]) == {"closed_book", "rag", "not_in_corpus"}
-    assert set(metrics["answers"]["rag"]) == {"em", "f1", "rougeL", "supported"}
+    assert set(metrics["answers"]["rag"]) == ANSWER_SCORES
     assert metrics["answers"]["not_in_corpus"]["questions"] == 1
     latency = json.loads((root / "output/timings/rag.json").read_text())["latency"]
     assert set(latency) == {"embed_passages_per_s", "retrieve_ms_p50", "answer_ms_p50"}

@@ -58,7 +58,7 @@ def test_metrics_have_the_default_backends_structure(built: tuple[Path, dict]) -
     for scores in metrics["retrieval"].values():
         assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}
         assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
-    scores = {"em", "f1", "rougeL", "supported"}
+    scores = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
     assert {k: set(v) for k, v in metrics["answers"].items()} == {
         "closed_book": scores,
         "rag": scores,

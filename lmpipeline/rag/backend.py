@@ -176,11 +176,11 @@ def build(
 
     dense = backend.rank(model, questions)
     ranks["finetuned"] = gold_ranks(dense, gold)
-    bm25, lexical, hybrid = lexical_ranks([e.text for e in kb.entries], questions, dense)
+    lexical, hybrid = lexical_ranks(kb.bm25, len(kb.entries), questions, dense)
     ranks["bm25"], ranks["hybrid"] = gold_ranks(lexical, gold), gold_ranks(hybrid, gold)
     print_retrieval(ranks)
 
-    dim = backend.save(model, outputs.system, bm25)
+    dim = backend.save(model, outputs.system, kb.bm25)
     speed = throughput("rag", trainer, backend.flops_per_token(model), device)
     history = trainer.state.log_history
     del model, trainer  # with its optimizer state: rag-sequence-nq's would double peak memory

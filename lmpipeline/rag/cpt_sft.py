@@ -98,7 +98,7 @@ class CptSftSystem:
     """Retriever, indexes and generator loaded from a rag directory; `ask` answers a question."""
 
     def __init__(self, path: Path, config: SystemConfig, device: torch.device) -> None:
-        self.path, self.config = path, config
+        self.config = config
         generator = model_dir(path, config.generator, "generator")
         self.closed_book_dir = (
             model_dir(path, config.closed_book_generator, "closed_book_generator")

@@ -47,9 +47,9 @@ from lmpipeline.rag.cpt_sft import (
 )
 from lmpipeline.rag.index import build_index, embed, pooled, search
 from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, silent_on, write_entries
-from lmpipeline.rag.lexical import bm25_search, build_bm25
-from lmpipeline.rag.reader import ABSENT_ANSWER, GENERATOR_DIR, reader_records, teach_reader
-from lmpipeline.rag.system import INDEX_FILE, System, SystemConfig
+from lmpipeline.rag.lexical import bm25_search
+from lmpipeline.rag.reader import GENERATOR_DIR, reader_records, teach_reader
+from lmpipeline.rag.system import ABSENT_ANSWER, INDEX_FILE, System, SystemConfig
 from lmpipeline.training import LossParts
 
 # 1 / temperature 0.05, sentence-transformers' default for in-batch-negative training.
@@ -190,7 +190,6 @@ class CptSftBackend:
         )
         self.cpt, self.sft = cpt, sft
         self.all_train, self.train = train, train.in_corpus()
-        self.tuned: Encoder | None = None  # the fine-tuned retriever, from `rank`
         self.reader: dict[str, Any] = {}  # what teaching the generator to read did
         self.timings: dict[str, Any] = {}
         self.candidates: dict[str, Encoder] = {}  # filled by load_model: "cpt", "base"
@@ -243,9 +242,7 @@ class CptSftBackend:
         if n:
             stated = train.in_corpus()
             start = self.candidates[self.start]
-            lexical = bm25_search(
-                build_bm25([e.text for e in self.kb.entries]), stated.questions, MINE_DEPTH
-            )[1]
+            lexical = bm25_search(self.kb.bm25, stated.questions, MINE_DEPTH)[1]
             dense = self.dense_ranks(start, stated.questions, MINE_DEPTH)
             negatives = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
         return Training(
@@ -263,9 +260,9 @@ class CptSftBackend:
         return sorted(self.cpt.glob("*.safetensors"))
 
     def rank(self, model: PreTrainedModel, questions: Sequence[str]) -> np.ndarray:
-        self.tuned = self.embed_entries(model, self.tokenizer, "tuned")
-        self.index, self.embed_per_s = self.tuned.index, self.tuned.embed_per_s
-        return self.dense_ranks(self.tuned, questions)
+        tuned = self.embed_entries(model, self.tokenizer, "tuned")
+        self.index, self.embed_per_s = tuned.index, tuned.embed_per_s
+        return self.dense_ranks(tuned, questions)
 
     def save(self, model: PreTrainedModel, output: Path, bm25: bm25s.BM25) -> int:
         """Everything `CptSftSystem` reads; the generator is the SFT model where the config names

@@ -1,7 +1,7 @@
 """The scores of `metrics/rag.json`, whichever backend built the system: retrieval over the
 held-out questions whose answer a chunk of the corpus states, closed-book and retrieval-augmented
-answers (EM, F1, ROUGE-L, supported) through the system `ask` loads for every held-out question,
-the latency of both, the recall@k curves and one prediction record per question."""
+answers (EM, F1, ROUGE-L, supported, refused) through the system `ask` loads for every held-out
+question, the latency of both, the recall@k curves and one prediction record per question."""
 
 from __future__ import annotations
 
@@ -14,10 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from lmpipeline.data import write_jsonl, write_text_atomic
-from lmpipeline.metrics import answer_scores, recall_at, retrieval_scores, support, token_f1
+from lmpipeline.metrics import (
+    answer_scores,
+    normalize_answer,
+    recall_at,
+    retrieval_scores,
+    support,
+    token_f1,
+)
 from lmpipeline.params import RagParams
 from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions
-from lmpipeline.rag.system import Answer, System
+from lmpipeline.rag.system import ABSENT_ANSWER, Answer, System
 from lmpipeline.training import write_curves
 
 CURVE_DEPTH = 20  # recall@k is plotted for k = 1..CURVE_DEPTH
@@ -66,17 +73,33 @@ def write_recall_curves(path: Path, ranks: dict[str, list[np.ndarray]]) -> None:
     write_text_atomic(path, "\n".join(rows) + "\n")
 
 
+def refused(answer: str) -> bool:
+    return normalize_answer(answer) == normalize_answer(ABSENT_ANSWER)
+
+
+def mean(values: Sequence[float]) -> float:
+    return round(sum(values) / max(len(values), 1), 6)
+
+
 def scores_of(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """EM / F1 / ROUGE-L and mean support of the closed-book and RAG answers of `records`
-    (prediction records). Both answers' support is measured against the passages the system
-    retrieved for the question: how much of each answer those passages hold."""
+    """EM / F1 / ROUGE-L and support of the closed-book and RAG answers of `records` (prediction
+    records). Both answers' support is measured against the passages the system retrieved for
+    the question: how much of each answer those passages hold. `supported` averages it over every
+    answer, a refusal counting 0; `supported_answered` only over the answers that are not the
+    refusal (a refusal states nothing to check: RAGAS leaves its faithfulness undefined), and
+    `refused` is their share, so that neither hides the other."""
     references = [r["reference"] for r in records]
     out = {}
     for mode in ("closed_book", "rag"):
         answers = [r[mode] for r in records]
         scores = answer_scores([a["answer"] for a in answers], references)
-        supported = sum(a["supported"] for a in answers) / max(len(answers), 1)
-        out[mode] = {**scores, "supported": round(supported, 6)}
+        stated = [a["supported"] for a in answers if not refused(a["answer"])]
+        out[mode] = {
+            **scores,
+            "supported": mean([a["supported"] for a in answers]),
+            "supported_answered": mean(stated),
+            "refused": mean([refused(a["answer"]) for a in answers]),
+        }
     return out
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmpipeline.rag.lexical import bm25_search, build_bm25
+from lmpipeline.rag.lexical import bm25_search
 
 RRF_K = 60  # the constant of Cormack et al. (2009): ranks beyond a few dozen barely count
 CANDIDATES = 50  # per retriever, fused by the hybrid when answering
@@ -106,13 +106,11 @@ def fuse(rankings: Sequence[np.ndarray], n_entries: int, depth: int) -> tuple[np
 
 
 def lexical_ranks(
-    texts: Sequence[str], questions: Sequence[str], dense: np.ndarray
-) -> tuple[bm25s.BM25, np.ndarray, np.ndarray]:
-    """The BM25 index of the entries' `texts`, and the full BM25 and hybrid rankings for
-    `questions`.
+    bm25: bm25s.BM25, n_entries: int, questions: Sequence[str], dense: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The full BM25 and hybrid rankings of the `n_entries` entries for `questions`.
 
     The hybrid fuses each retriever's top CANDIDATES, exactly as a system answering does."""
-    bm25 = build_bm25(texts)
-    lexical = bm25_search(bm25, questions, len(texts))[1]
-    fused = fuse([dense[:, :CANDIDATES], lexical[:, :CANDIDATES]], len(texts), len(texts))
-    return bm25, lexical, fused[1]
+    lexical = bm25_search(bm25, questions, n_entries)[1]
+    fused = fuse([dense[:, :CANDIDATES], lexical[:, :CANDIDATES]], n_entries, n_entries)
+    return lexical, fused[1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,11 @@ class KnowledgeBase:
                 )
             golds.append([self.position[i] for i in ids])
         return Questions(records, golds)
+
+    @cached_property
+    def bm25(self) -> bm25s.BM25:
+        """The BM25 index of the entries, built once for mining, ranking and the saved system."""
+        return build_bm25([e.text for e in self.entries])
 
 
 def knowledge_base(

@@ -33,7 +33,7 @@ from lmpipeline.data import file_digest
 from lmpipeline.params import Params
 from lmpipeline.rag.cpt_sft import fitted_prompt
 from lmpipeline.rag.knowledge import Entry, Questions, silent_on
-from lmpipeline.rag.system import Hit, SystemConfig
+from lmpipeline.rag.system import ABSENT_ANSWER, Hit, SystemConfig
 from lmpipeline.sft import (
     LengthGrouped,
     causal_loss,
@@ -50,7 +50,6 @@ from lmpipeline.training import (
     training_args,
 )
 
-ABSENT_ANSWER = "The passages do not say."
 GENERATOR_DIR = "generator"
 
 

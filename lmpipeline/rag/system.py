@@ -25,6 +25,8 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "index.faiss"
 REBUILD = "`dvc checkout output/rag` restores the built system, `dvc repro rag` rebuilds it"
 INT_FIELDS = ("top_k", "max_length", "max_new_tokens")
+# What a cpt-sft generator taught to read says when the passages given do not hold the answer.
+ABSENT_ANSWER = "The passages do not say."
 
 
 def broken(path: Path, what: str) -> SetupError:
