@@ -261,6 +261,7 @@ class SftParams(AdaptedParams):
 
 
 START_ENCODERS = ("auto", "cpt", "base")
+ABSENT_RULES = ("retrieval", "fixed")
 RETRIEVERS = ("dense", "bm25", "hybrid")
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 RAG_BACKENDS = ("cpt-sft", "rag-sequence")
@@ -296,8 +297,12 @@ class RagReaderParams(TrainingParams):
 
     enabled: bool = True
     """Fine-tune the generator on the train questions with passages (`output/rag/generator`)."""
+    absent_rule: str = "retrieval"
+    """How often an example leaves its gold chunks out: retrieval = as often as the encoder the
+    retriever starts from misses them in its top `rag.top_k` for the train questions (how often
+    passages lack the answer, estimated without a held-out question) | fixed = `absent_share`."""
     absent_share: float = 0.2
-    """Share of the examples whose gold chunks are left out of the passages."""
+    """With absent_rule fixed: share of the examples whose gold chunks are left out."""
     max_length: int = 1024
     """Tokens per example, template and passages included."""
     batch_size: int = 8
@@ -309,6 +314,10 @@ class RagReaderParams(TrainingParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_fraction("absent_share", self.absent_share)
+        if self.absent_rule not in ABSENT_RULES:
+            raise ParamsError(
+                f"absent_rule must be {'|'.join(ABSENT_RULES)}, got {self.absent_rule!r}"
+            )
         if self.max_length < 1:
             raise ParamsError(f"max_length must be >= 1, got {self.max_length}")
 

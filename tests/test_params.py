@@ -171,3 +171,10 @@ def test_every_numeric_key_has_a_range() -> None:
 def test_an_empty_params_file_is_refused(tmp_path: Path, text: str) -> None:
     with pytest.raises(ParamsError, match="empty"):
         load_params(write(tmp_path, text))
+
+
+def test_reader_absent_rule_is_a_name(tmp_path: Path) -> None:
+    fixed = load_params(write(tmp_path, "rag:\n  reader:\n    absent_rule: fixed\n"))
+    assert fixed.rag.reader.absent_rule == "fixed"
+    with pytest.raises(ParamsError, match=r"absent_rule must be retrieval\|fixed, got 'often'"):
+        load_params(write(tmp_path, "rag:\n  reader:\n    absent_rule: often\n"))

@@ -360,6 +360,9 @@ def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(
     )
     metrics = json.loads((tmp_path / "metrics/rag.json").read_text())
     assert metrics["reader"]["examples"] == 4  # the train questions only, never held-out ones
+    # absent_rule retrieval: as often as the start encoder misses train golds in its top_k.
+    missed = 1 - metrics["start"]["train_recall_top_k"]
+    assert metrics["reader"]["absent_share"] == pytest.approx(missed, abs=1e-6)
     timings = json.loads((tmp_path / "output/timings/rag.json").read_text())
     assert timings["reader"]["tokens_per_s"] > 0
     system = ask.load_system(out, "cpu")

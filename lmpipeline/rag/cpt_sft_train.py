@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from lmpipeline.metrics import gold_ranks, retrieval_scores
+from lmpipeline.metrics import gold_ranks, recall_at, retrieval_scores
 from lmpipeline.models import load_model, load_tokenizer, resolve_model
 from lmpipeline.params import Params
 from lmpipeline.rag.backend import Training
@@ -195,6 +195,7 @@ class CptSftBackend:
         self.candidates: dict[str, Encoder] = {}  # filled by load_model: "cpt", "base"
         self.start = ""  # the candidate fine-tuning starts from
         self.start_mrr: dict[str, float] = {}
+        self.start_recall = 1.0  # the start's recall@top_k of the train questions' golds
         self.index: faiss.Index | None = None  # built by `rank`, from the fine-tuned encoder
         self.embed_per_s = 0.0
 
@@ -214,14 +215,16 @@ class CptSftBackend:
         }
         for name, (model, tokenizer) in loaded.items():
             self.candidates[name] = self.embed_entries(model, tokenizer, name)
-        questions = self.train.questions
+        questions, train_ranks = self.train.questions, {}
         for name in loaded:
-            ranks = gold_ranks(self.dense_ranks(self.candidates[name], questions), self.train.golds)
-            self.start_mrr[name] = retrieval_scores(ranks)["mrr"]
+            ranked = self.dense_ranks(self.candidates[name], questions)
+            train_ranks[name] = gold_ranks(ranked, self.train.golds)
+            self.start_mrr[name] = retrieval_scores(train_ranks[name])["mrr"]
         choice = self.cfg.start_encoder
         if choice == "auto":
             choice = "cpt" if self.start_mrr["cpt"] > self.start_mrr["base"] else "base"
         self.start = choice
+        self.start_recall = recall_at(train_ranks[choice], self.cfg.top_k)
         print(
             f"rag: fine-tuning starts from the {choice} encoder (train-question MRR: cpt"
             f" {self.start_mrr['cpt']:.3f}, base {self.start_mrr['base']:.3f})"
@@ -253,7 +256,13 @@ class CptSftBackend:
         )
 
     def decisions(self) -> dict[str, Any]:
-        start = {"start": {"encoder": self.start, "train_mrr": self.start_mrr}}
+        start = {
+            "start": {
+                "encoder": self.start,
+                "train_mrr": self.start_mrr,
+                "train_recall_top_k": round(self.start_recall, 6),
+            }
+        }
         return {**start, "reader": self.reader} if self.reader else start
 
     def checkpoint_inputs(self) -> list[Path]:
@@ -299,6 +308,7 @@ class CptSftBackend:
         tokenizer, budget = system.generator_tokenizer, system.prompt_budget()
         del system
         cfg = self.cfg.reader
+        share = cfg.absent_share if cfg.absent_rule == "fixed" else 1.0 - self.start_recall
         records = reader_records(
             self.all_train,
             ranked,
@@ -306,7 +316,7 @@ class CptSftBackend:
             config,
             tokenizer,
             budget,
-            cfg.absent_share,
+            share,
             self.params.seed,
         )
         inputs = sorted(self.sft.glob("*.safetensors"))
@@ -324,6 +334,7 @@ class CptSftBackend:
         absent = sum(r["response"] == ABSENT_ANSWER for r in records)
         self.reader = {
             "examples": len(records),
+            "absent_share": round(share, 6),
             "absent": absent,
             "train_loss": round(losses[-1], 6) if losses else None,
         }

@@ -3,11 +3,13 @@
 The SFT model is fine-tuned on the *train* questions in the exact prompt that `ask` gives it: the
 passages the built system retrieves for the question, shortened as `ask` shortens them. In most
 examples a gold chunk is among them (placed at a random position when the retriever missed it);
-in a share `rag.reader.absent_share` of them, and for every train question whose answer no chunk
-states, the golds are left out and the target is `ABSENT_ANSWER`, so that the model learns to say
-when the passages do not give the answer rather than to make one up. Such an example shows only
-passages silent on the answer (`silent_on`: not a gold, nor a chunk that holds a quarter of the
-answer in other words): one that could be read off a passage must never be taught as absent.
+in a share of them (`rag.reader.absent_rule`: by default the share of train questions whose golds
+the encoder the retriever starts from misses in its top `rag.top_k`), and for every train
+question whose answer no chunk states, the golds are left out and the target is `ABSENT_ANSWER`,
+so that the model learns to say when the passages do not give the answer rather than to make one
+up. Such an example shows only passages silent on the answer (`silent_on`: not a gold, nor a chunk
+that holds a quarter of the answer in other words): one that could be read off a passage must
+never be taught as absent.
 The loss covers the answer only, as in the `sft` stage. Held-out questions never enter it: its
 Trainer has no held-out set.
 
