@@ -129,10 +129,22 @@ def cpt_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
         name = f"cpt-b{batch}"
         params = write_params(project, name, "cpt", training_overrides(model, steps, batch))
         outputs, timings = run_outputs(project, name, params)
-        command = stage("cpt", f"--data={project / 'output/data/pretrain.txt'}", *outputs)
+        blocks = tokenized(project, "cpt", project / "output/data/pretrain.txt", params)
+        command = stage("cpt", f"--tokens={blocks}", *outputs)
         run = Run(name, "bert-base (random)", n_params, vocab, f"{batch} x {max_length}", steps)
         runs.append(measure(run, project, command, timings))
     return runs
+
+
+def tokenized(project: Path, kind: str, data: Path, params: Path, *base: str) -> Path:
+    """The tokens `tokenize_<kind>` makes (not measured), unless an earlier run made them."""
+    output = project / "output/tokens" / kind
+    if not output.exists():
+        command = stage("tokenize", kind, f"--data={data}", f"--output={output}", *base)
+        usage = run_child([*command, f"--params={params}"], project, project / f"{kind}.log")
+        if usage.status:
+            raise SystemExit(f"tokenize {kind} failed: {project / f'{kind}.log'}")
+    return output
 
 
 def validated(project: Path, dataset: str, source: str, output: str) -> None:
@@ -158,10 +170,13 @@ def sft_runs(project: Path, steps: int, batches: list[int]) -> list[Run]:
         overrides = {**training_overrides(model, steps, batch), **SFT_GENERATION}
         params = write_params(project, name, "sft", overrides)
         outputs, timings = run_outputs(project, name, params)
+        data = project / "output/data/sft"
+        examples = tokenized(project, "sft", data, params, f"--base={base}")
         command = stage(
             "sft",
             f"--base={base}",
-            f"--data={project / 'output/data/sft'}",
+            f"--tokens={examples}",
+            f"--data={data}",
             f"--samples={project / 'metrics' / name}-samples.md",
             *outputs,
         )

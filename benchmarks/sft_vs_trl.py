@@ -26,7 +26,7 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from lmpipeline import sft
+from lmpipeline import sft, tokens
 from lmpipeline.chat import ensure_chat_template
 from lmpipeline.data import read_jsonl
 from lmpipeline.params import SftParams, load_params
@@ -38,7 +38,7 @@ def held_out_loss(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]
 
 
 def run_stage(
-    base: Path, train: list[sft.Example], batches: list, args: TrainingArguments, pad_id: int
+    base: Path, train: list[tokens.Example], batches: list, args: TrainingArguments, pad_id: int
 ) -> tuple[float, float]:
     set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
@@ -115,8 +115,8 @@ def main() -> None:
     records = records[: args.limit] if args.limit else records
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     ensure_chat_template(tokenizer)
-    train, _ = sft.encode_all(tokenizer, records, cfg.max_length)
-    held_out, _ = sft.encode_all(tokenizer, read_jsonl(args.data / "eval.jsonl"), cfg.max_length)
+    train, _ = tokens.encode_all(tokenizer, records, cfg.max_length)
+    held_out, _ = tokens.encode_all(tokenizer, read_jsonl(args.data / "eval.jsonl"), cfg.max_length)
     batches = sft.eval_batches(held_out, cfg.batch_size, tokenizer.pad_token_id)
     response_tokens = cfg.epochs * sum(len(e.labels) - e.labels.count(-100) for e in train)
     print(

@@ -2,7 +2,8 @@
 its scores.
 
 Lines are tokenized, joined with [SEP] and cut into blocks of `cpt.max_length` tokens (no
-padding), a seeded share of blocks is held out, and the encoder trains with BERT's objective:
+padding) once, by the `tokenize_cpt` stage (`lmpipeline.tokens`); a seeded share of blocks is held
+out, and the encoder trains with BERT's objective:
 `mlm_probability` of the tokens (or whole words) are selected, 80 % of them replaced by [MASK],
 10 % by a random token, 10 % left as they are. The held-out blocks are masked once with a fixed
 seed, so the base and the final model are scored on exactly the same predictions.
@@ -10,10 +11,10 @@ seed, so the base and the final model are scored on exactly the same predictions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -26,47 +27,10 @@ from transformers import (
 from lmpipeline.data import eval_mask
 from lmpipeline.models import ModelSource
 from lmpipeline.params import CptParams
-from lmpipeline.training import EpochSampler, LossParts, StageTrainer, held_out_scores
+from lmpipeline.tokens import TokenRows
+from lmpipeline.training import EpochSampler, LossParts, StageTrainer, budget_of, held_out_scores
 
 # --- data --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Fixed-length token blocks, with where each word starts (for whole-word masking)."""
-
-    input_ids: torch.Tensor  # (n_blocks, max_length) long
-    word_starts: torch.Tensor  # (n_blocks, max_length) bool
-
-
-def tokenize_lines(
-    lines: Sequence[str], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[bool]]:
-    """Token ids of all lines, each line followed by [SEP], and whether each token starts a word."""
-    encoded = tokenizer(list(lines), add_special_tokens=False)
-    ids: list[int] = []
-    starts: list[bool] = []
-    for i, line_ids in enumerate(encoded["input_ids"]):
-        word_ids = encoded.word_ids(i)
-        starts += [w != prev for w, prev in zip(word_ids, [None, *word_ids[:-1]], strict=True)]
-        ids += [*line_ids, tokenizer.sep_token_id]
-        starts.append(True)
-    return ids, starts
-
-
-def group_blocks(
-    ids: list[int], starts: list[bool], max_length: int, cls_id: int, sep_id: int
-) -> Blocks:
-    """Cut the token stream into [CLS] chunk [SEP] blocks; the short remainder is dropped."""
-    body = max_length - 2
-    n = len(ids) // body
-    chunks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    chunk_starts = torch.tensor(starts[: n * body], dtype=torch.bool).view(n, body)
-    column = torch.ones(n, 1, dtype=torch.bool)
-    return Blocks(
-        input_ids=torch.cat([torch.full((n, 1), cls_id), chunks, torch.full((n, 1), sep_id)], 1),
-        word_starts=torch.cat([column, chunk_starts, column], 1),
-    )
 
 
 @dataclass(frozen=True)
@@ -126,18 +90,17 @@ class MaskedBlocks(torch.utils.data.Dataset):
     whatever the data loader prefetched or the global RNG went through.
     """
 
-    def __init__(self, blocks: Blocks, masking: Masking, seed: int) -> None:
+    def __init__(self, blocks: TokenRows, masking: Masking, seed: int) -> None:
         self.blocks, self.masking, self.seed = blocks, masking, seed
 
     def __len__(self) -> int:
-        return len(self.blocks.input_ids)
+        return len(self.blocks)
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
-        row = slice(key % len(self), key % len(self) + 1)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-        input_ids, labels = mask_tokens(
-            self.blocks.input_ids[row], self.blocks.word_starts[row], self.masking, generator
-        )
+        block = self.blocks[key % len(self)]
+        input_ids, word_starts = block["input_ids"].long()[None], block["word_starts"][None]
+        input_ids, labels = mask_tokens(input_ids, word_starts, self.masking, generator)
         return {"input_ids": input_ids[0], "labels": labels[0]}
 
 
@@ -193,11 +156,12 @@ def evaluate(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> 
 
 
 def fixed_eval_batches(
-    blocks: Blocks, masking: Masking, batch_size: int, seed: int
+    blocks: TokenRows, masking: Masking, batch_size: int, seed: int
 ) -> list[dict[str, torch.Tensor]]:
     """Mask the held-out blocks once, with their own generator: the same for base and final."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids, labels = mask_tokens(blocks.input_ids, blocks.word_starts, masking, generator)
+    input_ids = blocks.column("input_ids").long()
+    input_ids, labels = mask_tokens(input_ids, blocks.column("word_starts"), masking, generator)
     return [
         {"input_ids": input_ids[i : i + batch_size], "labels": labels[i : i + batch_size]}
         for i in range(0, len(input_ids), batch_size)
@@ -235,25 +199,16 @@ def param_groups(model: torch.nn.Module, cfg: CptParams, fresh: set[str]) -> lis
     ]
 
 
-def split_blocks(
-    lines: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: CptParams, seed: int
-) -> tuple[Blocks, Blocks]:
-    """Tokenize and group the lines, then hold out a seeded share of the blocks."""
-    ids, starts = tokenize_lines(lines, tokenizer)
-    blocks = group_blocks(
-        ids, starts, cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id
-    )
-    held_out = torch.from_numpy(eval_mask(len(blocks.input_ids), cfg.eval_fraction, seed))
-    return (
-        Blocks(blocks.input_ids[~held_out], blocks.word_starts[~held_out]),
-        Blocks(blocks.input_ids[held_out], blocks.word_starts[held_out]),
-    )
+def split_blocks(blocks: TokenRows, eval_fraction: float, seed: int) -> tuple[TokenRows, TokenRows]:
+    """The train blocks and a seeded held-out share of them, in their order."""
+    held_out = eval_mask(len(blocks), eval_fraction, seed)
+    return blocks.select(np.flatnonzero(~held_out)), blocks.select(np.flatnonzero(held_out))
 
 
 def make_trainer(
     model: PreTrainedModel,
     args: TrainingArguments,
-    train: Blocks,
+    train: TokenRows,
     eval_batches: list[dict[str, torch.Tensor]],
     masking: Masking,
     cfg: CptParams,
@@ -269,5 +224,6 @@ def make_trainer(
         param_groups=lambda m: param_groups(m, cfg, fresh),
         loss_fn=mlm_loss,
         eval_fn=lambda m: evaluate(m, eval_batches),
-        sampler=EpochKeys(len(train.input_ids), args.seed),
+        sampler=EpochKeys(len(train), args.seed),
+        budget=budget_of(cfg, shifted=False),
     )

@@ -15,9 +15,10 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -28,6 +29,10 @@ _SPACES = re.compile(r"\s+")
 # Characters that take no space on screen: zero-width space, non-joiner and joiner, word joiner
 # and the byte-order mark. A value made of them and whitespace is empty to a reader.
 INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# What `text_problem` refuses, as one pattern: a line of text passes in one C-level scan.
+_NOT_TEXT = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufeff"
+_NOT_TEXT_LINE = re.compile(f"[{_NOT_TEXT}\n\r]")
+_NOT_TEXT_MULTILINE = re.compile(f"[{_NOT_TEXT}]")
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,16 @@ class RawLine:
 
 
 def read_input(path: Path) -> bytes:
-    """The bytes of an input file, or a one-line error naming it: missing, a directory, or
-    unreadable (a stage run by hand before the stage that makes its input)."""
+    """The bytes of an input file, or a one-line error naming it (`open_input`)."""
+    with open_input(path) as f:
+        return f.read()
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """An input file opened for reading bytes, or a one-line error naming it: missing, a
+    directory, or unreadable (a stage run by hand before the stage that makes its input)."""
     try:
-        return path.read_bytes()
+        return path.open("rb")
     except FileNotFoundError:
         raise StageError(f"{path}: no such file (`dvc repro` makes the pipeline's own)") from None
     except IsADirectoryError:
@@ -53,27 +64,36 @@ def read_input(path: Path) -> bytes:
 
 
 def read_lines(path: Path) -> Iterator[RawLine]:
-    """Yield the non-blank lines of `path`, decoding each line on its own.
+    """Yield the non-blank lines of `path`, decoding each line on its own, as the file is read:
+    memory holds one line at a time, whatever the file's size.
 
     Decoding per line lets one bad byte be reported at its line instead of failing the file.
     A line ends at "\n" only (a CR before it is dropped), in every reader of the project.
     """
-    data = read_input(path).removeprefix(BOM)
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield RawLine(number, None, f"byte 0x{raw[err.start]:02x} at column {err.start + 1}")
-            continue
-        if text.strip():
-            yield RawLine(number, text)
+    with open_input(path) as f:
+        for number, raw in enumerate(f, start=1):  # a binary file splits at b"\n" only
+            if number == 1:
+                raw = raw.removeprefix(BOM)
+            line = decoded(number, raw.removesuffix(b"\n").removesuffix(b"\r"))
+            if line is not None:
+                yield line
+
+
+def decoded(number: int, raw: bytes) -> RawLine | None:
+    """Line `number` decoded, or why it cannot be; None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RawLine(number, None, f"byte 0x{raw[err.start]:02x} at column {err.start + 1}")
+    return RawLine(number, text) if text.strip() else None
 
 
 def text_problem(text: str, multiline: bool) -> str | None:
     """What makes `text` not text, or None: a control character other than tab (and, where
     `multiline`, inside a JSON string, LF and CR), a lone surrogate, or a byte-order mark past
     the start of the file. Columns count from 1 within `text`."""
+    if not (_NOT_TEXT_MULTILINE if multiline else _NOT_TEXT_LINE).search(text):
+        return None
     for column, char in enumerate(text, start=1):
         code = ord(char)
         if char == "\t" or (multiline and char in "\n\r"):
@@ -136,20 +156,18 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, jsonl_text(records))
 
 
-def publish_dir(output: Path, files: dict[str, str]) -> None:
-    """Make `output` a directory holding exactly `files` (name -> text) as one unit: they are
-    written into a new sibling first, which then takes the old directory's place. A reader, or a
-    crash, sees the old files or the new ones, never some of each (a new train split beside an
-    old eval split); a crash between the two renames leaves no `output`, and the old files in
-    `.<name>.old` beside it."""
+@contextmanager
+def publishing_dir(output: Path) -> Iterator[Path]:
+    """A new directory to fill, which takes `output`'s place as one unit when the block ends
+    without an error (and is removed when it raises). A reader, or a crash, sees the old files or
+    the new ones, never some of each (a new train split beside an old eval split); a crash
+    between the two renames leaves no `output`, and the old files in `.<name>.old` beside it."""
     output.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     old = output.with_name(f".{output.name}.old")
     try:
         new.chmod(0o755)
-        for name, text in files.items():
-            with (new / name).open("w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
+        yield new
         shutil.rmtree(old, ignore_errors=True)
         if output.exists():
             os.replace(output, old)
@@ -161,16 +179,25 @@ def publish_dir(output: Path, files: dict[str, str]) -> None:
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(read_input(path)).hexdigest()
+    with open_input(path) as f:  # read in blocks: the file may be larger than memory
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` so that a crash never leaves a half-written file at `path`."""
+    with writing_atomic(path) as f:
+        f.write(text)
+
+
+@contextmanager
+def writing_atomic(path: Path) -> Iterator[IO[str]]:
+    """A text file to write, which becomes `path` when the block ends without an error: a crash,
+    or an error, never leaves a half-written file there (nor the temporary one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

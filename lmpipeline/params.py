@@ -37,6 +37,8 @@ class ParamsError(StageError, ValueError):
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, 2**32 - 1),  # what numpy accepts as a seed
     "max_errors": (1, 1_000_000),
+    "chunk_lines": (1, 10**8),
+    "max_tokens_per_batch": (0, 10**9),
     "min_chars": (0, 10**9),
     "max_chars": (0, 10**9),
     "batch_size": (1, 1_000_000),
@@ -118,6 +120,8 @@ class RagBounds:
 class ValidateParams:
     max_errors: int = 50
     """Per-line messages printed per file before "... and N more"."""
+    chunk_lines: int = 20_000
+    """Lines checked at a time: memory holds one chunk, plus 16-byte digests of every record."""
     pretrain: PretrainBounds = PretrainBounds()
     sft: SftBounds = SftBounds()
     rag: RagBounds = RagBounds()
@@ -147,6 +151,10 @@ class TrainingParams:
     """Checkpoint every N optimizer steps (resume after a crash)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more compute."""
+    max_tokens_per_batch: int = 0
+    """Padded tokens a forward pass may hold: a micro-batch above it is split into row chunks
+    whose gradients add up to the whole micro-batch's (memory bounded by tokens, not by
+    examples); 0 = no bound."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_steps", "save_steps"):
@@ -263,7 +271,7 @@ class SftParams(AdaptedParams):
 START_ENCODERS = ("auto", "cpt", "base")
 ABSENT_RULES = ("retrieval", "fixed")
 RETRIEVERS = ("dense", "bm25", "hybrid")
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 RAG_BACKENDS = ("cpt-sft", "rag-sequence")
 
 
@@ -287,6 +295,12 @@ class RagTrainingParams(TrainingParams):
         super().__post_init__()
         if self.hard_negatives < 0:
             raise ParamsError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.max_tokens_per_batch:
+            # Each question's negatives are the batch's other positives: a chunk has fewer.
+            raise ParamsError(
+                "max_tokens_per_batch must be 0 here: splitting a batch would change the"
+                " retriever's in-batch negatives (lower batch_size instead)"
+            )
 
 
 @dataclass(frozen=True)
@@ -347,7 +361,8 @@ class RagParams:
     retriever: str = "dense"
     """What the final system retrieves with: dense | bm25 | hybrid (rag-sequence: dense)."""
     index: str = "flat"
-    """FAISS index: flat (exact) | hnsw | ivf (approximate, for large corpora)."""
+    """FAISS index: flat (exact) | hnsw | ivf (approximate, for large corpora) | ivfpq (IVF with
+    product-quantized vectors: about 1/32 of flat's memory, for knowledge bases of millions)."""
     train: RagTrainingParams = RagTrainingParams()
     """Fine-tuning on the train questions."""
     reader: RagReaderParams = RagReaderParams()

@@ -8,53 +8,15 @@ no compute goes to padding, and the vocabulary projection runs on response posit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from lmpipeline.chat import encode_turns, generate, prompt_text
+from lmpipeline.chat import generate
 from lmpipeline.metrics import perplexity, rouge_l, token_f1
 from lmpipeline.params import AdaptedParams, SftParams
-from lmpipeline.training import EpochSampler, LossParts, StageTrainer, score
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # -100 on prompt tokens: the loss covers the response only
-    truncated: bool
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
-) -> Example | None:
-    """Tokenize one pair; None when truncation would leave no response token to learn."""
-    head = prompt_text(tokenizer, prompt)
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(head):
-        raise ValueError(
-            "the chat template renders the answer somewhere other than after the prompt"
-        )
-    prompt_ids = encode_turns(tokenizer, head, [prompt])
-    response_ids = encode_turns(tokenizer, full[len(head) :], [response])
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    if len(input_ids) <= len(prompt_ids):
-        return None
-    labels = [-100] * len(prompt_ids) + response_ids
-    return Example(input_ids, labels[:max_length], len(prompt_ids) + len(response_ids) > max_length)
-
-
-def encode_all(
-    tokenizer: PreTrainedTokenizerBase, records: list[dict[str, str]], max_length: int
-) -> tuple[list[Example], int]:
-    """Encoded examples and how many were truncated (dropped ones included)."""
-    encoded = [encode(tokenizer, r["prompt"], r["response"], max_length) for r in records]
-    kept = [e for e in encoded if e is not None]
-    return kept, sum(e is None or e.truncated for e in encoded)
-
+from lmpipeline.tokens import Example, Examples
+from lmpipeline.training import EpochSampler, LossParts, StageTrainer, TokenBudget, score
 
 # --- batches -----------------------------------------------------------------------------------
 
@@ -187,9 +149,10 @@ def flops_per_token(model: PreTrainedModel, response_share: float, lora: bool) -
 def make_trainer(
     model: PreTrainedModel,
     args: TrainingArguments,
-    train: list[Example],
+    train: Examples | list[Example],
     batches: list[dict[str, torch.Tensor]],
     pad_id: int,
+    budget: TokenBudget | None = None,
 ) -> StageTrainer:
     """The SFT trainer: response-only loss, length-grouped batches, held-out loss as eval."""
     return StageTrainer(
@@ -200,8 +163,15 @@ def make_trainer(
         data_collator=lambda examples: collate(examples, pad_id),
         loss_fn=causal_loss,
         eval_fn=lambda m: {"eval_loss": score(causal_loss, m, batches)[0]},
-        sampler=LengthGrouped([len(e.input_ids) for e in train], optimizer_batch(args), args.seed),
+        sampler=LengthGrouped(lengths(train), optimizer_batch(args), args.seed),
+        budget=budget,
     )
+
+
+def lengths(examples: Examples | list[Example]) -> list[int]:
+    if isinstance(examples, Examples):
+        return examples.lengths()  # a column of the token dataset: no example is read
+    return [len(e.input_ids) for e in examples]
 
 
 def optimizer_batch(args: TrainingArguments) -> int:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import re
+import resource
 import shutil
 import sys
 import time
@@ -150,7 +151,8 @@ def remove_checkpoints(folders: list[Path], stage: str, why: str) -> None:
 
 def execute(stage: str, run: Run[P], params: Params, paths: P) -> int:
     """Run the stage; print a user's mistake in one line (exit 1); on success write the metrics
-    and timings of a training stage, then remove its checkpoints."""
+    and timings of a training stage (with the process's peak resident memory), then remove its
+    checkpoints."""
     missing = missing_input(paths)
     if missing:
         print(f"{stage}: {missing}", file=sys.stderr)
@@ -164,13 +166,22 @@ def execute(stage: str, run: Run[P], params: Params, paths: P) -> int:
     if result is None:  # nothing to record (or a rank other than 0: rank 0 records)
         return 0
     assert isinstance(paths, TrainingPaths)
-    timings = {**result.timings, "stage_s": round(time.perf_counter() - start, 1)}
+    timings = {
+        **result.timings,
+        "stage_s": round(time.perf_counter() - start, 1),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+    }
     write_text_atomic(paths.timings_file, json.dumps(timings, indent=2) + "\n")
     write_text_atomic(paths.metrics, json.dumps(result.metrics, indent=2) + "\n")
     # Only now: a crash before this point resumes from them instead of training again.
     remove_checkpoints(checkpoint_folders(stage), stage, "now that every output is written")
     print(f"{stage}: done in {timings['stage_s']:.0f} s -> {paths.metrics}")
     return 0
+
+
+def peak_rss_gib() -> float:
+    """The most resident memory this process has held so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(paths_type: type[P], run: Run[P], argv: list[str] | None, doc: str) -> int:

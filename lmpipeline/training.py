@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipeline.metrics import perplexity
 from lmpipeline.params import LaunchParams, TrainingParams
-from lmpipeline.runtime import end_distributed, fingerprint, is_main_process, matmul_flops
+from lmpipeline.runtime import Peak, end_distributed, fingerprint, is_main_process, matmul_peak
 from lmpipeline.stage import CHECKPOINTS, checkpoint_folders, remove_checkpoints
 
 FSDP_CONFIG = {
@@ -97,6 +97,28 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return torch.randperm(self.size, generator=generator).tolist()
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """At most `max_tokens` padded tokens per forward pass (`max_tokens_per_batch`); `shifted`:
+    the loss predicts `labels[:, 1:]` (a causal LM), else `labels` (masked LM)."""
+
+    max_tokens: int
+    shifted: bool
+
+    def split(self, inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Row chunks of `inputs` of at most `max_tokens` padded tokens (one row at least)."""
+        rows, width = inputs["input_ids"].shape
+        per = max(1, self.max_tokens // width)
+        return [{k: v[i : i + per] for k, v in inputs.items()} for i in range(0, rows, per)]
+
+    def predicted(self, labels: torch.Tensor) -> int:
+        return int(((labels[:, 1:] if self.shifted else labels) != -100).sum())
+
+
+def budget_of(cfg: TrainingParams, shifted: bool) -> TokenBudget | None:
+    return TokenBudget(cfg.max_tokens_per_batch, shifted) if cfg.max_tokens_per_batch else None
+
+
 class StageTrainer(Trainer):
     """Trainer with the stage's loss, evaluation and sampler, counting tokens and step time."""
 
@@ -107,16 +129,20 @@ class StageTrainer(Trainer):
         eval_fn: Callable[[PreTrainedModel], dict[str, float]],
         sampler: EpochSampler,
         param_groups: ParamGroups | None = None,
+        budget: TokenBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn, self.eval_fn, self.sampler = loss_fn, eval_fn, sampler
         self.param_groups = param_groups
+        self.budget = budget
+        self.denominator: int | None = None  # set while the chunks of one micro-batch train
         if self.is_fsdp_enabled:
             shard(self.model, self.accelerator.state.fsdp_plugin.mixed_precision_policy)
         self.tokens_seen = 0  # real (non-padding) tokens of the batches trained on
         self.predicted_seen = 0  # of which tokens the loss predicted
         self.step_seconds = 0.0
+        self.peak: Peak | None = None  # matmul peak measured before training (`train_resumable`)
         self.add_callback(StepTimer(self))
 
     def _get_train_sampler(self, train_dataset=None):  # type: ignore[override]
@@ -132,11 +158,30 @@ class StageTrainer(Trainer):
             self.optimizer = torch.optim.AdamW(self.param_groups(self.model))
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+        """One micro-batch; above the token budget, its row chunks one after the other, each
+        loss divided by the count of the whole micro-batch, so that the gradients add up to the
+        unsplit micro-batch's and the optimizer step is the same."""
+        chunks = self.budget.split(inputs) if self.budget else [inputs]
+        if len(chunks) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:  # the Trainer leaves the count to the loss: give it all
+            self.denominator = self.budget.predicted(inputs["labels"])
+        losses = []
+        try:
+            for chunk in chunks:  # a loop: super() needs this method's own scope
+                losses.append(super().training_step(model, chunk, num_items_in_batch))
+        finally:
+            self.denominator = None
+        return torch.stack(losses).sum()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         parts = self.stage_loss(model, inputs)
         # With gradient accumulation the Trainer passes the predicted-token count of the whole
         # accumulated batch, so every token weighs the same whatever micro-batch it falls in.
         denominator = parts.predicted if num_items_in_batch is None else num_items_in_batch
+        if self.denominator is not None:  # a chunk of a micro-batch (`training_step`)
+            denominator = self.denominator
         if model.training:
             self.tokens_seen += count_tokens(inputs)
             self.predicted_seen += int(parts.predicted)
@@ -316,6 +361,7 @@ def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
     resume = last_complete_checkpoint(out)
     if resume:
         print(f"{stage}: resuming from {resume}")
+    trainer.peak = matmul_peak(trainer.args.device, hidden_size(trainer.model))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
     model = trained_model(trainer)
@@ -345,24 +391,38 @@ def throughput(
     stage: str, trainer: StageTrainer, flops_per_token: float | None, device: torch.device
 ) -> dict[str, float | None]:
     """Optimizer steps, real tokens trained on, seconds of optimizer steps, tokens/s, and MFU
-    against the measured matmul peak (None for a model whose FLOPs per token are not a constant
-    the stage knows)."""
+    against the best matmul peak measured before and after training (None for a model whose
+    FLOPs per token are not a constant the stage knows). MFU is never above 1: should training
+    outrun every sample, the peak is at least the training speed and MFU is 1."""
     tokens_per_s = trainer.tokens_seen / max(trainer.step_seconds, 1e-9)
     line = f"{stage}: {trainer.tokens_seen} tokens in {trainer.step_seconds:.1f} s ="
     line += f" {tokens_per_s:.0f} tokens/s"
-    mfu = None
-    if flops_per_token is not None:
-        peak = matmul_flops(device)
-        mfu = round(flops_per_token * tokens_per_s / peak, 4)
-        line += f"; MFU {mfu:.3f} of a measured {peak / 1e9:.0f} GFLOP/s fp32 matmul peak"
-    print(line)
-    return {
+    out: dict[str, Any] = {
         "steps": trainer.state.global_step,
         "tokens": trainer.tokens_seen,
         "runtime_s": round(trainer.step_seconds, 2),
         "tokens_per_s": round(tokens_per_s, 1),
-        "mfu": mfu,
+        "mfu": None,
     }
+    if flops_per_token is not None:
+        after = matmul_peak(device, hidden_size(trainer.model))
+        peak = max([after, trainer.peak or after], key=lambda p: p.flops)
+        achieved = flops_per_token * tokens_per_s
+        out["mfu"] = round(min(achieved / peak.flops, 1.0), 4)
+        out["peak"] = peak.describe()
+        line += f"; MFU {out['mfu']:.3f} of {peak.describe()}"
+        if achieved > peak.flops:
+            line += ": training outran every sample, so the peak is at least its speed"
+    print(line)
+    return out
+
+
+def hidden_size(model: torch.nn.Module) -> int | None:
+    """The width of the model's layers, for a GEMM shaped like its MLP."""
+    config = getattr(model, "config", None)
+    return next(
+        (v for k in ("hidden_size", "d_model", "n_embd") if (v := getattr(config, k, None))), None
+    )
 
 
 def write_curves(log_history: list[dict[str, Any]], plots_dir: Path) -> None:

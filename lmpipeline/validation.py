@@ -5,30 +5,42 @@ a GX Expectation Suite per dataset checks the rows; every unexpected row becomes
 `file:line: what is wrong`. Only a file that passes is written out, in canonical form and, for
 prompt/response data, already split into train and eval by `seed`, so downstream stages never
 see unvalidated data and the split is decided in one place.
+
+The file is read as a stream, `validate.chunk_lines` lines at a time: the checks of one line
+(decoding, JSON, text, fields, lengths) run on each chunk, and what is written goes to a
+temporary file as it is checked. The checks across lines (exact duplicates, and prompts on both
+sides of the split) keep a 16-byte digest of each record and of each split key, not the texts, and
+run once the file has been read, on a frame of those digests. Memory holds one chunk and the
+digests, whatever the file's size; the outputs appear only once everything passed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import tempfile
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from lmpipeline.data import (
     RawLine,
     canonical_json,
     eval_mask,
-    jsonl_text,
     prompt_key,
-    publish_dir,
+    publishing_dir,
     read_lines,
     text_problem,
     visible,
-    write_text_atomic,
 )
 from lmpipeline.errors import StageError
 from lmpipeline.params import Bounds, Params
@@ -73,20 +85,19 @@ class Problem:
 
 
 class ValidationFailed(StageError):
-    """The file has problems: one `file:line: message` per line, up to `max_errors`."""
+    """The file has `total` problems; `problems` are the first ones by line, up to `max_errors`:
+    one `file:line: message` each."""
 
-    def __init__(self, path: Path, problems: list[Problem], max_errors: int) -> None:
-        super().__init__(f"{path}: {len(problems)} problem(s)")
-        self.path, self.problems, self.max_errors = path, problems, max_errors
+    def __init__(self, path: Path, problems: list[Problem], total: int, max_errors: int) -> None:
+        super().__init__(f"{path}: {total} problem(s)")
+        self.path, self.problems, self.total = path, problems[:max_errors], total
 
     def report(self, stage: str) -> str:
         """The problems as `file:line: message` lines (they name the file, not the stage)."""
-        shown = [f"{self.path}:{p.line}: {p.message}" for p in self.problems[: self.max_errors]]
-        if len(self.problems) > self.max_errors:
-            shown.append(
-                f"... and {len(self.problems) - self.max_errors} more (validate.max_errors)"
-            )
-        shown.append(f"{self.path}: {len(self.problems)} problem(s); nothing was written")
+        shown = [f"{self.path}:{p.line}: {p.message}" for p in self.problems]
+        if self.total > len(self.problems):
+            shown.append(f"... and {self.total - len(self.problems)} more (validate.max_errors)")
+        shown.append(f"{self.path}: {self.total} problem(s); nothing was written")
         return "\n".join(shown)
 
 
@@ -99,13 +110,9 @@ def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
     rows = [_row(raw, ds) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
     columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
-    frame = pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
+    return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
         {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
     )
-    # For the duplicate message only: where else the same record stands.
-    lines_of = frame.groupby(RECORD)["line"].agg(list)
-    frame["copies"] = [lines_of.get(r, []) if r is not None else [] for r in frame[RECORD]]
-    return frame
 
 
 CHARS = "__chars"  # suffix of a field's length column: characters after stripping
@@ -177,30 +184,11 @@ def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
     return row
 
 
-def add_split(frame: pd.DataFrame, ds: Dataset, eval_fraction: float, seed: int) -> pd.DataFrame:
-    """Mark each parsed row train or eval, and note where its prompt sits in the other split."""
-    frame = frame.copy()
-    frame["eval"] = False
-    frame["leaks_to"] = pd.Series([None] * len(frame), dtype=object, index=frame.index)
-    parsed = frame.index[frame["parsed"]]
-    frame.loc[parsed, "eval"] = eval_mask(len(parsed), eval_fraction, seed)
-    # A value that is no string (an object, a list) has no key: its type check reports it.
-    keys = frame.loc[parsed, ds.split_key].map(
-        lambda v: prompt_key(v) if isinstance(v, str) else None
-    )
-    for _key, group in frame.loc[parsed].groupby(keys, sort=False):
-        if group["eval"].nunique() > 1:
-            for idx in group.index:
-                other = group[group["eval"] != frame.at[idx, "eval"]]["line"]
-                frame.at[idx, "leaks_to"] = other.tolist()
-    return frame
-
-
 # --- the suite ---------------------------------------------------------------------------------
 
 
-def build_checks(ds: Dataset, params: Params) -> list[Check]:
-    """The expectation suite of `ds`, in the order problems are worth reporting."""
+def row_checks(ds: Dataset, params: Params) -> list[Check]:
+    """The expectations on each line alone, in the order problems are worth reporting."""
     checks = [
         Check(
             gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True]),
@@ -227,7 +215,12 @@ def build_checks(ds: Dataset, params: Params) -> list[Check]:
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
         checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name))
-    checks.append(
+    return checks
+
+
+def cross_checks(ds: Dataset) -> list[Check]:
+    """The expectations across lines, on the frame of digests (`Digests.frame`)."""
+    checks = [
         Check(
             gxe.ExpectColumnValuesToBeUnique(column=RECORD),
             RECORD,
@@ -236,7 +229,7 @@ def build_checks(ds: Dataset, params: Params) -> list[Check]:
                 f"{_lines([n for n in r['copies'] if n != r['line']])}; keep one copy"
             ),
         )
-    )
+    ]
     if ds.split_key:
         key = ds.split_key
         checks.append(
@@ -286,106 +279,292 @@ def _lines(lines: list[int]) -> str:
     return ", ".join(str(n) for n in lines)
 
 
-def run_suite(frame: pd.DataFrame, name: str, checks: list[Check]) -> tuple[list[Problem], Any]:
-    """Validate `frame` with GX; one problem per line and field, the first failing check wins."""
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": frame}
+ZERO = bytes(16)  # the digest slot of a row without a record or a split key
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@dataclass
+class Outcome:
+    """One expectation's result over the whole file, summed over the chunks it ran on."""
+
+    type: str
+    column: str
+    kwargs: dict[str, Any]
+    checked: int | None = 0  # None where GX gave no element count
+    unexpected: int = 0
+    success: bool = True
+
+
+class Suite:
+    """`checks` as one GX Expectation Suite, run on frame after frame (the chunks of a file);
+    `outcomes` holds each expectation's result summed over them, in the suite's order."""
+
+    def __init__(self, name: str, checks: list[Check]) -> None:
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
+        self.batches = asset.add_batch_definition_whole_dataframe("all")
+        self.suite = gx.ExpectationSuite(name=name)
+        for i, check in enumerate(checks):
+            self.suite.add_expectation(check.expectation.copy(update={"meta": {"check": i}}))
+        self.checks = checks
+        self.tally: dict[int, Outcome] = {}
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        return list(self.tally.values())
+
+    def run(self, frame: pd.DataFrame) -> list[Problem]:
+        """Validate `frame`; one problem per line and field, the first failing check wins."""
+        batch = self.batches.get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(self.suite, result_format={"result_format": "COMPLETE"})
+        failed: dict[tuple[int, str], tuple[int, str]] = {}
+        for res in result.results:
+            if (res.exception_info or {}).get("raised_exception"):
+                raise RuntimeError(f"GX check failed to run: {res.exception_info}")
+            i = res.expectation_config.meta["check"]
+            self.count(i, res)
+            check = self.checks[i]
+            for idx in res.result.get("unexpected_index_list") or []:
+                row = frame.loc[idx]
+                # A line that did not decode, parse or hold text has no fields to speak of.
+                usable = row["parsed"] and row["is_text"]
+                if check.field != RECORD and not usable:
+                    continue
+                slot = (int(row["line"]), check.field if usable else RECORD)
+                if slot not in failed or failed[slot][0] > i:
+                    failed[slot] = (i, check.message(row))
+        return sorted(
+            (Problem(line, msg) for (line, _), (_, msg) in failed.items()), key=lambda p: p.line
+        )
+
+    def count(self, i: int, res: Any) -> None:
+        cfg = res.expectation_config
+        if i not in self.tally:
+            kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id")}
+            self.tally[i] = Outcome(cfg.type, cfg.kwargs.get("column", ""), kwargs)
+        outcome, checked = self.tally[i], res.result.get("element_count")
+        known = checked is not None and outcome.checked is not None
+        outcome.checked = outcome.checked + checked if known else None
+        outcome.unexpected += res.result.get("unexpected_count", 0)
+        outcome.success = outcome.success and bool(res.success)
+
+
+def repeated(digests: bytearray, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """For each digest that two or more of `rows` share, those rows in file order."""
+    keys = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)[rows]
+    order = np.lexsort((keys[:, 1], keys[:, 0]))
+    keys, rows = keys[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+    ends = np.r_[starts[1:], len(rows)]
+    for a, b in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        yield np.sort(rows[a:b])
+
+
+@dataclass
+class Digests:
+    """What the checks across lines keep of every row of a file: its line, whether it parsed,
+    a 16-byte digest of its canonical record (rows that hold text) and of its split key (parsed
+    rows whose key is a string). About 40 bytes a row, whatever the length of its texts."""
+
+    lines: array = field(default_factory=lambda: array("q"))
+    parsed: bytearray = field(default_factory=bytearray)
+    usable: bytearray = field(default_factory=bytearray)
+    keyed: bytearray = field(default_factory=bytearray)
+    records: bytearray = field(default_factory=bytearray)
+    keys: bytearray = field(default_factory=bytearray)
+
+    def add(self, frame: pd.DataFrame, split_key: str | None) -> None:
+        keys = frame[split_key] if split_key else [None] * len(frame)
+        columns = (frame["line"], frame["parsed"], frame[RECORD], keys)
+        for line, parsed, record, key in zip(*columns, strict=True):
+            has_key, usable = bool(parsed) and isinstance(key, str), isinstance(record, str)
+            self.lines.append(int(line))
+            self.parsed.append(bool(parsed))
+            self.usable.append(usable)
+            self.keyed.append(has_key)
+            self.records += digest(record) if usable else ZERO
+            self.keys += digest(prompt_key(key)) if has_key else ZERO
+
+    def frame(self, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """The frame the checks across lines run on (one row per line: its record digest, the
+        lines of its copies, the lines its split key also stands at on the other side of the
+        split), and which rows the split holds out."""
+        lines = np.frombuffer(self.lines, dtype=np.int64)
+        usable = np.frombuffer(self.usable, dtype=bool)
+        parsed = np.frombuffer(self.parsed, dtype=bool)
+        held_out = np.zeros(len(lines), dtype=bool)
+        held_out[parsed] = eval_mask(int(parsed.sum()), eval_fraction, seed)
+        records = np.full(len(lines), None, dtype=object)
+        for row in np.flatnonzero(usable):
+            records[row] = bytes(self.records[16 * row : 16 * row + 16])
+        copies = np.full(len(lines), None, dtype=object)
+        for rows in repeated(self.records, np.flatnonzero(usable)):
+            for row in rows:
+                copies[row] = lines[rows].tolist()
+        leaks_to = np.full(len(lines), None, dtype=object)
+        for rows in repeated(self.keys, np.flatnonzero(np.frombuffer(self.keyed, dtype=bool))):
+            for row in rows[usable[rows]]:  # a line without text is reported for that alone
+                other = rows[held_out[rows] != held_out[row]]
+                if len(other):
+                    leaks_to[row] = lines[other].tolist()
+        frame = pd.DataFrame(
+            {"line": lines, "parsed": usable, "is_text": usable, RECORD: records}
+        ).assign(copies=copies, leaks_to=leaks_to)
+        return frame, held_out
+
+
+@dataclass
+class Scan:
+    """What one pass over a file found: the digests, the first problems of single lines (up to
+    `validate.max_errors`, in file order) and their number, and the counts of its records."""
+
+    digests: Digests = field(default_factory=Digests)
+    problems: list[Problem] = field(default_factory=list)
+    total: int = 0
+    records: int = 0
+    words: int = 0
+    with_extra_fields: int = 0
+
+
+def scan(
+    path: Path, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
+) -> Scan:
+    """Check each line of `path`, `chunk_lines` at a time, and write the records that hold text
+    to `staged` as they pass (the text of a passage, or the canonical JSON of a record)."""
+    found = Scan()
+    # A bar in a terminal only: messages and logs keep one line per problem.
+    bar = tqdm(
+        read_lines(path),
+        desc=f"validate {ds.name}",
+        unit=" lines",
+        unit_scale=True,
+        disable=None,
+        leave=False,
     )
-    suite = gx.ExpectationSuite(name=name)
-    for i, check in enumerate(checks):
-        suite.add_expectation(check.expectation.copy(update={"meta": {"check": i}}))
-    result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
-    failed: dict[tuple[int, str], tuple[int, str]] = {}
-    for res in result.results:
-        if (res.exception_info or {}).get("raised_exception"):
-            raise RuntimeError(f"GX check failed to run: {res.exception_info}")
-        i = res.expectation_config.meta["check"]
-        check = checks[i]
-        for idx in res.result.get("unexpected_index_list") or []:
-            row = frame.loc[idx]
-            # A line that did not decode, parse or hold text has no fields to speak of.
-            usable = row["parsed"] and row["is_text"]
-            if check.field != RECORD and not usable:
-                continue
-            slot = (int(row["line"]), check.field if usable else RECORD)
-            if slot not in failed or failed[slot][0] > i:
-                failed[slot] = (i, check.message(row))
-    problems = sorted(
-        (Problem(line, msg) for (line, _), (_, msg) in failed.items()), key=lambda p: p.line
-    )
-    return problems, result
+    lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
+    for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
+        frame = to_frame(chunk, ds)
+        problems = suite.run(frame)
+        found.problems += problems[: max_errors - len(found.problems)]
+        found.total += len(problems)
+        found.digests.add(frame, ds.split_key)
+        found.records += len(frame)
+        kept = frame[frame[RECORD].notna()]
+        if found.total:  # nothing will be written: only the checks go on
+            continue
+        found.words += sum(len(v.split()) for f in ds.fields for v in kept[f])
+        found.with_extra_fields += sum(bool(set(o) - set(ds.fields)) for o in kept["obj"])
+        staged.writelines(t + "\n" for t in (kept[RECORD] if ds.jsonl else kept["text"]))
+    return found
 
 
-# --- outputs -----------------------------------------------------------------------------------
+Golds = Callable[[Sequence[str]], list[list[str]]]  # answers -> the chunk ids stating each
 
 
-def summarize(frame: pd.DataFrame, ds: Dataset, checks: list[Check]) -> dict[str, Any]:
-    """Counts for metrics/validate/<name>.json: deterministic, no paths, no timestamps."""
-    metrics: dict[str, Any] = {
-        "records": len(frame),
-        "words": sum(len(value.split()) for f in ds.fields for value in frame[f]),
-        "expectations": len(checks),
-        "with_extra_fields": int(sum(bool(set(o) - set(ds.fields)) for o in frame["obj"])),
-    }
-    if ds.split_key:
-        metrics["train"] = int((~frame["eval"]).sum())
-        metrics["eval"] = int(frame["eval"].sum())
-    return metrics
+def publish_splits(
+    staged: IO[str], held_out: np.ndarray, output: Path, golds: Golds | None, chunk_lines: int
+) -> dict[str, dict[str, int]]:
+    """Write the staged records to `output`'s train.jsonl and eval.jsonl as one unit; with
+    `golds`, each record gains its `gold` chunk ids, counted per split."""
+    counts = {s: {"in_corpus": 0, "not_in_corpus": 0} for s in ("train", "eval")}
+    with publishing_dir(output) as new:
+        files = {
+            split: (new / f"{split}.jsonl").open("w", encoding="utf-8", newline="\n")
+            for split in ("train", "eval")
+        }
+        with files["train"], files["eval"]:
+            flags = iter(held_out.tolist())
+            for chunk in iter(lambda: list(itertools.islice(staged, chunk_lines)), []):
+                ids = golds([json.loads(t)["answer"] for t in chunk]) if golds else None
+                for n, text in enumerate(chunk):
+                    split = "eval" if next(flags) else "train"
+                    if ids is not None:
+                        text = canonical_json({**json.loads(text), "gold": ids[n]}) + "\n"
+                        counts[split]["in_corpus" if ids[n] else "not_in_corpus"] += 1
+                    files[split].write(text)
+    return counts
 
 
-def render_report(source: str, ds: Dataset, result: Any, metrics: dict[str, Any]) -> str:
+def validate_file(
+    path: Path,
+    ds: Dataset,
+    params: Params,
+    output: Path,
+    golds: Callable[[], Golds] | None = None,
+) -> tuple[dict[str, Any], list[Outcome]]:
+    """Check `path` and, only if it passes, write its canonical form to `output` (a text file,
+    or train.jsonl and eval.jsonl split by `seed`, each question with the gold chunk ids of the
+    rule `golds` makes, once the file has passed).
+    Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
+    raise ValidationFailed, having written nothing, when it does not pass."""
+    cfg = params.validate
+    row_suite = Suite(ds.name, row_checks(ds, params))
+    cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds))
+    # Staged beside the output (a rename publishes it); folders made for it go if it fails.
+    made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
+            found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
+            frame, held_out = found.digests.frame(fraction, params.seed)
+            across = cross_suite.run(frame)
+            problems = sorted(found.problems + across, key=lambda p: p.line)
+            total = found.total + len(across)
+            if found.records == 0 and not problems:
+                problems, total = [Problem(0, "no records: the file is empty")], 1
+            if problems:
+                raise ValidationFailed(path, problems, total, cfg.max_errors)
+            metrics: dict[str, Any] = {
+                "records": found.records,
+                "words": found.words,
+                "expectations": len(row_suite.checks) + len(cross_suite.checks),
+                "with_extra_fields": found.with_extra_fields,
+            }
+            if ds.split_key:
+                metrics["train"] = int((~held_out).sum())
+                metrics["eval"] = int(held_out.sum())
+            staged.seek(0)
+            if ds.jsonl:
+                rule = golds() if golds else None
+                counts = publish_splits(staged, held_out, output, rule, cfg.chunk_lines)
+                if golds:
+                    metrics["gold"] = counts
+        if not ds.jsonl:
+            os.replace(name, output)  # the staged passages are the canonical file
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        for folder in made:  # innermost first; each is empty unless someone else wrote there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    Path(name).unlink(missing_ok=True)
+    return metrics, [*row_suite.outcomes, *cross_suite.outcomes]
+
+
+def render_report(
+    source: str, ds: Dataset, outcomes: list[Outcome], metrics: dict[str, Any]
+) -> str:
     """A Markdown report of the suite that a person (or GitHub) reads."""
     lines = [
         f"# Validation of `{source}`",
         "",
         f"Expectation suite `{ds.name}` (Great Expectations): "
-        f"{sum(r.success for r in result.results)}/{len(result.results)} expectations met.",
+        f"{sum(o.success for o in outcomes)}/{len(outcomes)} expectations met.",
         "",
         "| expectation | column | arguments | rows checked | unexpected |",
         "|---|---|---|---:|---:|",
     ]
-    for res in result.results:
-        cfg = res.expectation_config
-        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id")}
+    for o in outcomes:
+        checked = "" if o.checked is None else o.checked
         lines.append(
-            f"| {cfg.type} | {cfg.kwargs.get('column', '')} | {json.dumps(kwargs, sort_keys=True)}"
-            f" | {res.result.get('element_count', '')} | {res.result.get('unexpected_count', 0)} |"
+            f"| {o.type} | {o.column} | {json.dumps(o.kwargs, sort_keys=True)}"
+            f" | {checked} | {o.unexpected} |"
         )
     lines += ["", "## Counts", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(frame: pd.DataFrame, ds: Dataset, output: Path) -> None:
-    """The validated data in canonical form: text lines, or train/eval JSONL files."""
-    if not ds.jsonl:
-        write_text_atomic(output, "".join(t + "\n" for t in frame["text"]))
-        return
-    fields = [*ds.fields, *(["gold"] if "gold" in frame else [])]  # rag: each question's golds
-    splits = (("train", frame[~frame["eval"]]), ("eval", frame[frame["eval"]]))
-    publish_dir(
-        output,
-        {
-            f"{name}.jsonl": jsonl_text(rows[fields].to_dict(orient="records"))
-            for name, rows in splits
-        },
-    )
-
-
-def validate_file(
-    path: Path, ds: Dataset, params: Params
-) -> tuple[pd.DataFrame, dict[str, Any], Any]:
-    """Check `path`; return the rows, the counts and the GX result, or raise ValidationFailed."""
-    frame = to_frame(read_lines(path), ds)
-    if ds.split_key:
-        eval_fraction = getattr(params, ds.name).eval_fraction
-        frame = add_split(frame, ds, eval_fraction, params.seed)
-    checks = build_checks(ds, params)
-    problems, result = run_suite(frame, ds.name, checks)
-    if frame.empty and not problems:
-        problems = [Problem(0, "no records: the file is empty")]
-    if problems:
-        raise ValidationFailed(path, problems, params.validate.max_errors)
-    return frame, summarize(frame, ds, checks), result

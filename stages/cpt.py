@@ -1,10 +1,10 @@
 """Stage `cpt`: continued masked-LM pre-training of the encoder on the domain text.
 
-    python -m stages.cpt --data output/data/pretrain.txt --output output/cpt \
+    python -m stages.cpt --tokens output/tokens/cpt --output output/cpt \
         --metrics metrics/cpt.json --plots metrics/cpt
 
-Blocks, masking and the loss are in `lmpipeline.cpt`; the Trainer, resume and timings in
-`lmpipeline.training`.
+The blocks come from `tokenize_cpt` (memory-mapped); masking and the loss are in
+`lmpipeline.cpt`; the Trainer, resume and timings in `lmpipeline.training`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from lmpipeline.cpt import (
     make_trainer,
     split_blocks,
 )
-from lmpipeline.data import file_digest, read_passages
 from lmpipeline.models import check_positions, load_tokenizer, resolve_model
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.stage import INPUT, StageResult, TrainingPaths
+from lmpipeline.tokens import TokenRows
+from lmpipeline.tokens import load as load_tokens
 from lmpipeline.training import (
     checkpoint_dir,
     describe,
@@ -43,8 +44,8 @@ from lmpipeline.training import (
 @dataclass(frozen=True, kw_only=True)
 class CptPaths(TrainingPaths):
     stage: ClassVar[str] = "cpt"
-    data: Path = field(metadata=INPUT)
-    """The validated passages, one per line."""
+    tokens: Path = field(metadata=INPUT)
+    """The passages' token blocks (output of tokenize_cpt)."""
     output: Path
     """Where the encoder goes (a Hugging Face directory)."""
 
@@ -62,11 +63,13 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
     model.to(device)
     check_positions(model, cfg.max_length, "cpt.max_length")
 
-    train, heldout = split_blocks(read_passages(paths.data), tokenizer, cfg, seed)
+    expected = {"max_length": cfg.max_length}
+    meta, splits = load_tokens(paths.tokens, tokenizer, "cpt", "tokenize_cpt", expected)
+    train, heldout = split_blocks(TokenRows(splits["blocks"]), cfg.eval_fraction, seed)
     masking = Masking.of(tokenizer, cfg)
     eval_batches = fixed_eval_batches(heldout, masking, cfg.batch_size, seed)
     print(
-        f"cpt: {cfg.model}: {len(train.input_ids)} train / {len(heldout.input_ids)} eval blocks"
+        f"cpt: {cfg.model}: {len(train)} train / {len(heldout)} eval blocks"
         f" of {cfg.max_length} tokens on {device} ({mode or 'fp32'})"
     )
     if is_main_process():
@@ -74,8 +77,8 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
         print(describe("cpt", "base", base))
 
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
-    checkpoints = checkpoint_dir("cpt", *config, file_digest(paths.data))
-    args = training_args(cfg, seed, device, mode, checkpoints, len(train.input_ids), params.launch)
+    checkpoints = checkpoint_dir("cpt", *config, meta["source"])
+    args = training_args(cfg, seed, device, mode, checkpoints, len(train), params.launch)
     trainer = make_trainer(model, args, train, eval_batches, masking, cfg, fresh)
     model = train_resumable(trainer, "cpt")
     if not is_main_process():

@@ -1,11 +1,12 @@
 """Stage `cpt_lm`: domain-adaptive pre-training of the generator on the corpus, before SFT.
 
-    python -m stages.cpt_lm --base output/sft_base --data output/data/pretrain.txt \
+    python -m stages.cpt_lm --base output/sft_base --tokens output/tokens/cpt_lm \
         --output output/cpt_lm --metrics metrics/cpt_lm.json --plots metrics/cpt_lm
 
-Packing, the held-out blocks and their perplexity are in `lmpipeline.cpt_lm`; the Trainer,
-resume and timings in `lmpipeline.training`. With `cpt_lm.enabled: false` the output is the base
-model unchanged, so `sft` always starts from `output/cpt_lm`.
+The packed blocks come from `tokenize_cpt_lm` (memory-mapped); the held-out blocks and their
+perplexity are in `lmpipeline.cpt_lm`; the Trainer, resume and timings in `lmpipeline.training`.
+With `cpt_lm.enabled: false` the output is the base model unchanged, so `sft` always starts
+from `output/cpt_lm`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from transformers import AutoTokenizer, set_seed
 from lmpipeline import launch
 from lmpipeline.chat import load_causal_lm
 from lmpipeline.cpt_lm import eval_batches, evaluate, make_trainer, split_blocks
-from lmpipeline.data import file_digest, read_passages
 from lmpipeline.models import check_positions
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.sft import flops_per_token, with_lora
 from lmpipeline.stage import INPUT, StageResult, TrainingPaths
+from lmpipeline.tokens import TokenRows
+from lmpipeline.tokens import load as load_tokens
 from lmpipeline.training import (
+    budget_of,
     checkpoint_dir,
     describe,
     throughput,
@@ -41,8 +44,8 @@ class CptLmPaths(TrainingPaths):
     stage: ClassVar[str] = "cpt_lm"
     base: Path = field(metadata=INPUT)
     """The causal LM to adapt (a Hugging Face directory: output/sft_base)."""
-    data: Path = field(metadata=INPUT)
-    """The validated passages, one per line."""
+    tokens: Path = field(metadata=INPUT)
+    """The corpus packed into blocks (output of tokenize_cpt_lm)."""
     output: Path
     """Where the adapted model goes (a Hugging Face directory)."""
 
@@ -60,7 +63,9 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     model = load_causal_lm(paths.base, device)
     check_positions(model, cfg.max_length, "cpt_lm.max_length")
 
-    train, held_out = split_blocks(read_passages(paths.data), tokenizer, cfg, seed)
+    expected = {"max_length": cfg.max_length}
+    meta, splits = load_tokens(paths.tokens, tokenizer, "cpt_lm", "tokenize_cpt_lm", expected)
+    train, held_out = split_blocks(TokenRows(splits["blocks"]), cfg, seed)
     batches = eval_batches(held_out, cfg.batch_size)
     print(
         f"cpt_lm: {paths.base}: {len(train)} train / {len(held_out)} held-out blocks of"
@@ -74,9 +79,9 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     if cfg.lora_r:
         model = with_lora(model, cfg)
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
-    checkpoints = checkpoint_dir("cpt_lm", *config, file_digest(paths.data), params.sft.model)
+    checkpoints = checkpoint_dir("cpt_lm", *config, meta["source"], params.sft.model)
     args = training_args(cfg, seed, device, mode, checkpoints, len(train), params.launch)
-    trainer = make_trainer(model, args, train, batches)
+    trainer = make_trainer(model, args, train, batches, budget_of(cfg, shifted=True))
     model = train_resumable(trainer, "cpt_lm")
     if not is_main_process():
         return None

@@ -1,10 +1,12 @@
 """Stage `sft`: supervised fine-tuning of the causal LM on prompt/response pairs.
 
-    python -m stages.sft --base output/sft_base --data output/data/sft --output output/sft \
-        --metrics metrics/sft.json --plots metrics/sft --samples metrics/sft_samples.md
+    python -m stages.sft --base output/sft_base --tokens output/tokens/sft --data output/data/sft \
+        --output output/sft --metrics metrics/sft.json --plots metrics/sft \
+        --samples metrics/sft_samples.md
 
-Formatting, the response-only loss and batching are in `lmpipeline.sft` and `lmpipeline.chat`;
-the Trainer, resume and timings in `lmpipeline.training`.
+The examples come from `tokenize_sft` (memory-mapped); formatting, the response-only loss and
+batching are in `lmpipeline.sft` and `lmpipeline.chat`; the Trainer, resume and timings in
+`lmpipeline.training`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from transformers import set_seed
 
 from lmpipeline import launch
 from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
-from lmpipeline.data import file_digest, read_jsonl, write_text_atomic
+from lmpipeline.data import read_jsonl, write_text_atomic
 from lmpipeline.models import check_positions
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.sft import (
-    encode_all,
+    Examples,
     eval_batches,
     evaluate,
     flops_per_token,
@@ -31,7 +33,9 @@ from lmpipeline.sft import (
     with_lora,
 )
 from lmpipeline.stage import INPUT, StageResult, TrainingPaths
+from lmpipeline.tokens import load as load_tokens
 from lmpipeline.training import (
+    budget_of,
     checkpoint_dir,
     describe,
     throughput,
@@ -46,8 +50,10 @@ class SftPaths(TrainingPaths):
     stage: ClassVar[str] = "sft"
     base: Path = field(metadata=INPUT)
     """The model directory to fine-tune."""
+    tokens: Path = field(metadata=INPUT)
+    """The encoded train and eval examples (output of tokenize_sft)."""
     data: Path = field(metadata=INPUT)
-    """The directory with the validated train.jsonl and eval.jsonl."""
+    """The directory with the validated eval.jsonl, whose prompts the models answer."""
     output: Path
     """Where the fine-tuned model goes (a Hugging Face directory)."""
     samples: Path
@@ -66,10 +72,12 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
     model = load_causal_lm(paths.base, device)
     check_positions(model, cfg.max_length, "sft.max_length")
 
-    train_records = read_jsonl(paths.data / "train.jsonl")
+    expected = {"max_length": cfg.max_length}
+    meta, splits = load_tokens(paths.tokens, tokenizer, "sft", "tokenize_sft", expected)
+    train, truncated = Examples(splits["train"]), meta["train_truncated"]
+    held_out_rows = Examples(splits["eval"])  # scored as fixed batches: read once, into memory
+    held_out = [held_out_rows[i] for i in range(len(held_out_rows))]
     eval_records = read_jsonl(paths.data / "eval.jsonl")
-    train, truncated = encode_all(tokenizer, train_records, cfg.max_length)
-    held_out, _ = encode_all(tokenizer, eval_records, cfg.max_length)
     batches = eval_batches(held_out, cfg.batch_size, tokenizer.pad_token_id)
     print(
         f"sft: {paths.base} with the {template}: {len(train)} train / {len(held_out)} eval"
@@ -83,9 +91,10 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
     if cfg.lora_r:
         model = with_lora(model, cfg)
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
-    checkpoints = checkpoint_dir("sft", *config, file_digest(paths.data / "train.jsonl"))
+    checkpoints = checkpoint_dir("sft", *config, meta["source"][0])  # train.jsonl's digest
     args = training_args(cfg, seed, device, mode, checkpoints, len(train), params.launch)
-    trainer = make_trainer(model, args, train, batches, tokenizer.pad_token_id)
+    budget = budget_of(cfg, shifted=True)
+    trainer = make_trainer(model, args, train, batches, tokenizer.pad_token_id, budget)
     model = train_resumable(trainer, "sft")
     if not main_process:
         return None

@@ -18,17 +18,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
 
 from lmpipeline import stage
 from lmpipeline.data import read_passages, write_text_atomic
 from lmpipeline.errors import StageError
 from lmpipeline.params import Params
-from lmpipeline.rag.knowledge import gold_chunks, passage_chunks
+from lmpipeline.rag.knowledge import GoldRule, passage_chunks
 from lmpipeline.stage import INPUT
-from lmpipeline.validation import DATASETS, render_report, validate_file, write_outputs
+from lmpipeline.validation import DATASETS, render_report, validate_file
 
 
 @dataclass(frozen=True)
@@ -51,34 +48,23 @@ class ValidatePaths:
         return f"validate_{self.dataset}"
 
 
-def add_golds(frame: pd.DataFrame, passages: Path | None, params: Params) -> dict[str, Any]:
-    """Give each question its gold chunk ids (column `gold`); return the counts per split."""
+def gold_rule(passages: Path | None, params: Params) -> GoldRule:
+    """The rule that gives each question its gold chunk ids, over the validated passages."""
     if passages is None or not passages.is_file():
         raise StageError(
             f"--passages {passages}: the validated passages are needed to find the chunks that"
             " state each answer: run `dvc repro validate_pretrain` first"
         )
     cfg, texts = params.rag, read_passages(passages)
-    chunks = passage_chunks(texts, cfg.chunk_words, cfg.chunk_overlap)
-    frame["gold"] = gold_chunks(frame["answer"].tolist(), chunks, texts)
-    stated = frame["gold"].map(bool)
-    return {
-        split: {
-            "in_corpus": int((stated & rows).sum()),
-            "not_in_corpus": int((~stated & rows).sum()),
-        }
-        for split, rows in (("train", ~frame["eval"]), ("eval", frame["eval"]))
-    }
+    return GoldRule(passage_chunks(texts, cfg.chunk_words, cfg.chunk_overlap), texts)
 
 
 def run(params: Params, paths: ValidatePaths) -> None:
     ds = DATASETS[paths.dataset]
-    frame, metrics, result = validate_file(paths.input, ds, params)
-    if ds.name == "rag":
-        metrics["gold"] = add_golds(frame, paths.passages, params)
-    write_outputs(frame, ds, paths.output)
+    golds = (lambda: gold_rule(paths.passages, params)) if ds.name == "rag" else None
+    metrics, outcomes = validate_file(paths.input, ds, params, paths.output, golds)
     write_text_atomic(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, result, metrics))
+    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, outcomes, metrics))
     split = f", {metrics['train']} train / {metrics['eval']} eval" if ds.split_key else ""
     print(f"validate {ds.name}: {paths.input} OK, {metrics['records']} records{split}")
 

@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from lmpipeline import cpt, sft
+from lmpipeline import cpt, sft, tokens
 from lmpipeline.launch import exit_process
 from lmpipeline.models import load_tokenizer, resolve_model
 from lmpipeline.params import CptParams, LaunchParams, RagTrainingParams, SftParams
@@ -58,7 +58,7 @@ def sft_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     records = [{"prompt": f"what {i}", "response": CORPUS[i % 2]} for i in range(16)]
-    train, _ = sft.encode_all(tokenizer, records, 32)
+    train, _ = tokens.encode_all(tokenizer, records, 32)
     batches = sft.eval_batches(train[:4], 2, tokenizer.pad_token_id)
     cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=2, save_steps=2)
     args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
@@ -73,10 +73,11 @@ def cpt_trainer(
     model, _ = cpt.load_mlm(source)
     fresh = {name for name, _ in model.named_parameters() if name.startswith("cls.")}
     cfg = CptParams(max_length=16, batch_size=2, lr=1e-3, head_lr=1e-2, max_steps=4, eval_steps=2)
-    train, heldout = cpt.split_blocks(CORPUS * 8, tokenizer, cfg, 0)
+    blocks = tokens.blocks_of(CORPUS * 8, tokenizer, cfg.max_length)
+    train, heldout = cpt.split_blocks(blocks, cfg.eval_fraction, 0)
     masking = cpt.Masking.of(tokenizer, cfg)
     batches = cpt.fixed_eval_batches(heldout, masking, 2, 0)
-    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train.input_ids), launch)
+    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
     return model, cpt.make_trainer(model, args, train, batches, masking, cfg, fresh)
 
 

@@ -23,6 +23,7 @@ from lmpipeline.params import RagParams
 from lmpipeline.rag import knowledge
 from lmpipeline.testing import TINY_ENCODER
 from stages import rag, sft
+from stages import tokenize as tokenize_stage
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
@@ -179,7 +180,7 @@ def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2)
     (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
     cfg = RagParams(**{k: v for k, v in params.get("rag", {}).items() if k.startswith("chunk")})
     chunks = knowledge.passage_chunks(pretrain, cfg.chunk_words, cfg.chunk_overlap)
-    golds = knowledge.gold_chunks([r["answer"] for r in RAG_RECORDS], chunks, pretrain)
+    golds = knowledge.GoldRule(chunks, pretrain)([r["answer"] for r in RAG_RECORDS])
     records = [{**r, "gold": g} for r, g in zip(RAG_RECORDS, golds, strict=True)]
     write_jsonl(root / "data/train.jsonl", records[: len(records) - held_out])
     write_jsonl(root / "data/eval.jsonl", records[len(records) - held_out :])
@@ -254,11 +255,23 @@ def write_sft_project(tmp_path: Path, **overrides: object) -> Path:
     return tmp_path
 
 
+def tokenized(kind: str, data: Path, output: Path, params: Path, base: Path | None = None) -> Path:
+    """`output`, made by the tokenize stage of `kind` unless it is there already."""
+    if not output.exists():
+        args = [kind, f"--data={data}", f"--output={output}", f"--params={params}"]
+        assert tokenize_stage.main([*args, *([f"--base={base}"] if base else [])]) == 0
+    return output
+
+
 def sft_args(tmp_path: Path, base: Path) -> list[str]:
-    """The SFT stage's command-line arguments for a project written by `write_sft_project`."""
+    """The SFT stage's command-line arguments for a project written by `write_sft_project`,
+    its examples tokenized first."""
+    data, params = tmp_path / "data", tmp_path / "params.yaml"
+    tokens = tokenized("sft", data, tmp_path / "tokens", params, base)
     return [
         f"--base={base}",
-        f"--data={tmp_path / 'data'}",
+        f"--tokens={tokens}",
+        f"--data={data}",
         f"--output={tmp_path / 'out'}",
         f"--metrics={tmp_path / 'sft.json'}",
         f"--plots={tmp_path / 'plots'}",

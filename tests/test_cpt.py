@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -10,16 +11,17 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
+    PreTrainedTokenizerBase,
     RobertaConfig,
     RobertaForMaskedLM,
     pipeline,
 )
 
-from lmpipeline import cpt
+from lmpipeline import cpt, tokens
 from lmpipeline.models import resolve_model
 from lmpipeline.params import CptParams
 from stages import cpt as cpt_stage
-from tests.helpers import CORPUS, crash_at_step, wordpiece_tokenizer
+from tests.helpers import CORPUS, crash_at_step, tokenized, wordpiece_tokenizer
 
 MASK_ID, VOCAB = 4, 1000
 SPECIALS = (0, 1, 2, 3, 4)
@@ -33,21 +35,28 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def tokenized_lines(
+    lines: list[str], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[bool]]:
+    batch = tokens.line_tokenizer(tokenizer)({"text": lines})
+    return list(itertools.chain(*batch["ids"])), list(itertools.chain(*batch["starts"]))
+
+
 def test_lines_are_grouped_into_full_blocks_with_cls_and_sep() -> None:
     tokenizer = wordpiece_tokenizer()
-    ids, starts = cpt.tokenize_lines(CORPUS * 4, tokenizer)
+    ids, _ = tokenized_lines(CORPUS * 4, tokenizer)
     assert ids.count(tokenizer.sep_token_id) == len(CORPUS) * 4  # one [SEP] after each line
-    blocks = cpt.group_blocks(ids, starts, 16, tokenizer.cls_token_id, tokenizer.sep_token_id)
-    assert blocks.input_ids.shape == (len(ids) // 14, 16)
-    assert (blocks.input_ids[:, 0] == tokenizer.cls_token_id).all()
-    assert (blocks.input_ids[:, -1] == tokenizer.sep_token_id).all()
+    input_ids = tokens.blocks_of(CORPUS * 4, tokenizer, 16).column("input_ids")
+    assert input_ids.shape == (len(ids) // 14, 16)
+    assert (input_ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (input_ids[:, -1] == tokenizer.sep_token_id).all()
     # The blocks hold the token stream in order, without padding or gaps.
-    assert blocks.input_ids[:, 1:-1].flatten().tolist() == ids[: blocks.input_ids.shape[0] * 14]
+    assert input_ids[:, 1:-1].flatten().tolist() == ids[: input_ids.shape[0] * 14]
 
 
 def test_word_starts_follow_the_tokenizer_words() -> None:
     tokenizer = wordpiece_tokenizer()
-    ids, starts = cpt.tokenize_lines(["the model learns"], tokenizer)
+    ids, starts = tokenized_lines(["the model learns"], tokenizer)
     assert len(ids) == len(starts) == 4 and all(starts)
 
 
@@ -139,9 +148,11 @@ def write_project(tmp_path: Path, model_dir: Path, **overrides: object) -> Path:
 
 
 def run_stage(tmp_path: Path, out: str = "out") -> int:
+    params = tmp_path / "params.yaml"
+    tokens = tokenized("cpt", tmp_path / "pretrain.txt", tmp_path / "tokens", params)
     return cpt_stage.main(
         [
-            f"--data={tmp_path / 'pretrain.txt'}",
+            f"--tokens={tokens}",
             f"--output={tmp_path / out}",
             f"--metrics={tmp_path / out}.json",
             f"--plots={tmp_path / out}-plots",
@@ -175,7 +186,8 @@ def test_stage_end_to_end_on_a_tiny_bert(
 
 
 def test_training_masks_are_fresh_each_epoch_and_reproducible() -> None:
-    blocks = cpt.Blocks(random_ids(3, 32), torch.ones(3, 32, dtype=torch.bool))
+    rows = [{"input_ids": r.tolist(), "word_starts": [True] * 32} for r in random_ids(3, 32)]
+    blocks = tokens.TokenRows.of(rows, tokens.MLM_BLOCK_FEATURES)
     data = cpt.MaskedBlocks(blocks, masking(0.5), seed=9)
     assert torch.equal(data[1]["labels"], data[1]["labels"])
     assert torch.equal(

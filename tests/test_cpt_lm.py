@@ -11,11 +11,18 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmpipeline import cpt_lm
+from lmpipeline import cpt_lm, tokens
 from lmpipeline.params import CptLmParams
 from lmpipeline.training import training_args
 from stages import cpt_lm as stage
-from tests.helpers import CORPUS, crash_at_step, run_sft, tiny_passages, write_sft_project
+from tests.helpers import (
+    CORPUS,
+    crash_at_step,
+    run_sft,
+    tiny_passages,
+    tokenized,
+    write_sft_project,
+)
 
 PASSAGES = [line for _ in range(6) for line in CORPUS]  # repeated: a corpus it can learn
 
@@ -38,7 +45,8 @@ def write_project(root: Path, **overrides: object) -> Path:
 
 
 def run(root: Path, base: Path) -> int:
-    args = ["--base", str(base), "--data", str(root / "pretrain.txt"), "--output"]
+    tokens = tokenized("cpt_lm", root / "pretrain.txt", root / "tokens", root / "params.yaml", base)
+    args = ["--base", str(base), "--tokens", str(tokens), "--output"]
     args += [str(root / "out"), "--metrics", str(root / "metrics.json"), "--plots"]
     args += [str(root / "plots"), "--timings", str(root / "timings.json")]
     return stage.main([*args, "--params", str(root / "params.yaml")])
@@ -48,7 +56,7 @@ def test_blocks_are_the_passages_joined_by_end_of_text_without_padding(
     tiny_llama_dir: Path,
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    blocks = cpt_lm.pack(tiny_passages()[:3], tokenizer, max_length=8)
+    blocks = tokens.pack(tiny_passages()[:3], tokenizer, max_length=8).column("input_ids").long()
     stream = []
     for passage in tiny_passages()[:3]:
         stream += [
@@ -61,19 +69,19 @@ def test_blocks_are_the_passages_joined_by_end_of_text_without_padding(
     batch = cpt_lm.as_batch(blocks)
     assert batch["attention_mask"].all() and torch.equal(batch["labels"], blocks)
     # A marker the corpus holds as text stays text: the only end-of-text is the separator.
-    marked = cpt_lm.pack(["the model <|im_end|> finds passages"], tokenizer, max_length=2)
+    marked = tokens.pack(["the model <|im_end|> finds passages"], tokenizer, 2).column("input_ids")
     assert marked.flatten().tolist().count(tokenizer.eos_token_id) <= 1
 
 
 def test_held_out_blocks_never_reach_training(tiny_llama_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     cfg = CptLmParams(max_length=8, eval_fraction=0.25)
-    train, held_out = cpt_lm.split_blocks(PASSAGES, tokenizer, cfg, seed=5)
-    everything = cpt_lm.pack(PASSAGES, tokenizer, 8)
+    everything = tokens.pack(PASSAGES, tokenizer, 8)
+    train, held_out = cpt_lm.split_blocks(everything, cfg, seed=5)
     assert len(train) + len(held_out) == len(everything) and len(held_out) >= 1
     # Each held-out block is a distinct stretch of the stream, and the trainer's data is `train`.
-    held_rows = {tuple(row.tolist()) for row in held_out}
-    order = [tuple(row.tolist()) for row in everything]
+    held_rows = {tuple(row.tolist()) for row in held_out.column("input_ids")}
+    order = [tuple(row.tolist()) for row in everything.column("input_ids")]
     positions = [i for i, row in enumerate(order) if row in held_rows]
     assert len(positions) == len(held_out)
     trainer = cpt_lm.make_trainer(
@@ -82,7 +90,8 @@ def test_held_out_blocks_never_reach_training(tiny_llama_dir: Path) -> None:
         train,
         cpt_lm.eval_batches(held_out, 4),
     )
-    trained_on = {tuple(row.tolist()) for row in trainer.train_dataset}
+    data = trainer.train_dataset
+    trained_on = {tuple(data[i]["input_ids"].tolist()) for i in range(len(data))}
     assert trained_on == {row for i, row in enumerate(order) if i not in positions}
 
 

@@ -1,18 +1,22 @@
 """Any bytes as a user's file: validation either accepts records that round-trip through the
-canonical output, or refuses with `file:line` messages; it never raises anything else."""
+canonical output, or refuses with `file:line` messages; it never raises anything else, and it
+decides, says and writes the same whether the file is read in chunks of two lines or in one."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmpipeline.data import read_jsonl, read_passages
+from lmpipeline.data import BOM, read_jsonl, read_passages
 from lmpipeline.params import Params
-from lmpipeline.validation import DATASETS, ValidationFailed, validate_file, write_outputs
+from lmpipeline.validation import DATASETS, Dataset, ValidationFailed, validate_file
 
 # Bytes that make the hard cases likely: JSON syntax, escapes, controls, BOMs, separators,
 # surrogates, invalid UTF-8, and the fields the datasets need.
@@ -51,26 +55,43 @@ FILES = st.one_of(
 )
 
 
-def check(tmp_path: Path, dataset: str, content: bytes) -> None:
-    ds, params = DATASETS[dataset], Params()
-    source = tmp_path / "input"
-    source.write_bytes(content)
+def outcome(source: Path, ds: Dataset, chunk_lines: int, work: Path) -> tuple[Any, ...]:
+    """What validating `source` in chunks of `chunk_lines` lines into the empty `work` gives:
+    the report of a refusal, or the counts, the outcomes and the bytes of every file written."""
+    params = replace(Params(), validate=replace(Params().validate, chunk_lines=chunk_lines))
+    out = work / "out"
     try:
-        frame, _, _ = validate_file(source, ds, params)
+        metrics, outcomes = validate_file(source, ds, params, out)
     except ValidationFailed as err:
         assert err.problems and all(p.line >= 0 and p.message for p in err.problems)
-        report = err.report(f"validate_{dataset}")
-        assert all(line.startswith(f"{source}:") for line in report.splitlines())
-        return
-    out = tmp_path / "out"
-    write_outputs(frame, ds, out)
-    if dataset == "pretrain":
-        assert read_passages(out) == [t for t in frame["text"]]
-        return
-    written = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
-    expected = [{f: r[f] for f in ds.fields} for r in frame["obj"]]
-    key = json.dumps
-    assert sorted(map(key, written)) == sorted(map(key, expected))
+        assert not any(work.iterdir())  # nothing written, no temporary file left
+        return ("refused", err.report(f"validate_{ds.name}"))
+    files = sorted(out.iterdir()) if out.is_dir() else [out]
+    return ("accepted", metrics, outcomes, [(f.name, f.read_bytes()) for f in files])
+
+
+def check(root: Path, dataset: str, content: bytes) -> None:
+    ds = DATASETS[dataset]
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        source, streamed, whole = Path(tmp) / "input", Path(tmp) / "2", Path(tmp) / "all"
+        source.write_bytes(content)
+        streamed.mkdir()
+        whole.mkdir()
+        result = outcome(source, ds, 10_000, whole)
+        # Chunks of two lines find, say and write exactly what one chunk does.
+        assert outcome(source, ds, 2, streamed) == result
+        if result[0] == "refused":
+            assert all(line.startswith(f"{source}:") for line in result[1].splitlines())
+            return
+        lines = [t.strip() for t in content.removeprefix(BOM).decode().split("\n") if t.strip()]
+        out = whole / "out"
+        if dataset == "pretrain":
+            assert read_passages(out) == lines
+            return
+        written = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+        expected = [{f: json.loads(t)[f] for f in ds.fields} for t in lines]
+        key = json.dumps
+        assert sorted(map(key, written)) == sorted(map(key, expected))
 
 
 @pytest.mark.parametrize("dataset", ["pretrain", "sft", "rag"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from lmpipeline import launch
 from lmpipeline.params import LaunchParams
+from stages import sft as sft_stage
 from tests.helpers import run_sft, sft_args, write_sft_project
 
 
@@ -91,7 +92,9 @@ def test_fsdp_without_cuda_stops_before_any_process_starts(
     params["device"] = "cpu"
     params["launch"] = {"nproc_per_node": 2, "strategy": "fsdp"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert run_sft(tmp_path, tiny_llama_dir) == 1
+    args = sft_args(tmp_path, tiny_llama_dir)  # tokenizes: no launch there
+    capsys.readouterr()
+    assert sft_stage.main(args) == 1
     assert capsys.readouterr().err.startswith("sft: launch.strategy fsdp needs CUDA GPUs")
     assert not (tmp_path / "out").exists() and not (tmp_path / "sft.json").exists()
 

@@ -23,7 +23,8 @@ from lmpipeline.smoke import copy_project, git_commit, parse_overrides, with_ove
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = ["validate_pretrain", "validate_sft", "validate_rag"]
-STAGES = {*VALIDATE, "cpt", "sft_base", "cpt_lm", "sft", "rag", "report"}
+TOKENIZE = ["tokenize_cpt", "tokenize_cpt_lm", "tokenize_sft"]
+STAGES = {*VALIDATE, *TOKENIZE, "cpt", "sft_base", "cpt_lm", "sft", "rag", "report"}
 T = TypeVar("T")
 
 
@@ -158,11 +159,9 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
         "cpt_lm",
         "sft",
         "rag",
-    ):  # speed is reported beside the outputs, not hashed
-        assert (
-            "tokens_per_s"
-            in json.loads((repo / f"output/timings/{stage}.json").read_text())["train"]
-        )
+    ):  # speed and memory are reported beside the outputs, not hashed
+        timings = json.loads((repo / f"output/timings/{stage}.json").read_text())
+        assert "tokens_per_s" in timings["train"] and timings["peak_rss_gib"] > 0
     # The run ends with the table of key metrics, also kept in metrics/summary.md.
     table = (repo / "metrics/summary.md").read_text()
     assert all(f"| {stage} " in table for stage in ("cpt", "cpt_lm", "sft", "rag"))
@@ -176,10 +175,16 @@ def test_dag_shows_every_stage(repo: Path) -> None:
         assert stage in dag
     edges = set(re.findall(r'"(\w+)" -> "(\w+)"', sh(repo, "dvc", "dag", "--dot").stdout))
     assert edges == {
-        ("validate_pretrain", "cpt"),
-        ("validate_sft", "sft"),
+        ("validate_pretrain", "tokenize_cpt"),  # tokenized once, read by training
+        ("tokenize_cpt", "cpt"),
+        ("validate_sft", "tokenize_sft"),
+        ("sft_base", "tokenize_sft"),  # its tokenizer
+        ("tokenize_sft", "sft"),
+        ("validate_sft", "sft"),  # the held-out prompts it answers
         ("sft_base", "cpt_lm"),  # the seed's chain: CPT of the generator, then SFT, then RAG
-        ("validate_pretrain", "cpt_lm"),
+        ("validate_pretrain", "tokenize_cpt_lm"),
+        ("sft_base", "tokenize_cpt_lm"),
+        ("tokenize_cpt_lm", "cpt_lm"),
         ("cpt_lm", "sft"),
         ("validate_pretrain", "rag"),
         ("validate_pretrain", "validate_rag"),  # the golds are chunks of the passages
@@ -201,9 +206,11 @@ def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path)
 @pytest.mark.parametrize(
     ("setting", "reruns"),
     [
-        ("sft.lr=3e-5", {"sft", "rag"}),  # not cpt_lm, which SFT starts from
+        # Training params: not tokenization, nor cpt_lm, which SFT starts from.
+        ("sft.lr=3e-5", {"sft", "rag"}),
         pytest.param("cpt_lm.lr=3e-5", {"cpt_lm", "sft", "rag"}, marks=pytest.mark.slow),
         ("cpt.mlm_probability=0.2", {"cpt", "rag"}),
+        ("sft.max_length=48", {"tokenize_sft", "sft", "rag"}),  # what tokens are
         ("rag.top_k=2", {"rag"}),
         ("rag.chunk_words=50", {"validate_rag", "rag"}),  # new chunks, new golds
     ],
@@ -301,7 +308,13 @@ def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> 
     with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
         f.write('{"prompt": "What is a new test prompt?", "response": "A new answer."}\n')
     try:
-        assert ran(sh(repo, "dvc", "repro")) == {"validate_sft", "sft", "rag", "report"}
+        assert ran(sh(repo, "dvc", "repro")) == {
+            "validate_sft",
+            "tokenize_sft",
+            "sft",
+            "rag",
+            "report",
+        }
     finally:
         restore(repo)
 
@@ -316,6 +329,8 @@ def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
         assert ran(sh(repo, "dvc", "repro")) == {
             "validate_pretrain",
             "validate_rag",
+            "tokenize_cpt",
+            "tokenize_cpt_lm",
             "cpt",
             "cpt_lm",
             "sft",  # starts from the generator adapted to the corpus
@@ -348,7 +363,7 @@ def test_bad_params_stop_exp_run_before_training_naming_the_key(
         proc = sh(repo, "dvc", "exp", "run", "-S", setting, check=False)
         assert proc.returncode != 0
         assert message in proc.stdout + proc.stderr
-        assert "tokens/s" not in proc.stdout  # no stage trained
+        assert not re.search(r"\d tokens/s", proc.stdout)  # no stage trained
         assert ran(proc) <= {message.split(":")[0]}  # the first stage to read params stopped
     finally:
         restore(repo)

@@ -249,7 +249,12 @@ def test_metrics_have_every_key_of_the_spec(built: tuple[Path, dict]) -> None:
     assert set(metrics["answers"]["rag"]) == ANSWER_SCORES
     assert metrics["answers"]["not_in_corpus"]["questions"] == 1
     latency = json.loads((root / "output/timings/rag.json").read_text())["latency"]
-    assert set(latency) == {"embed_passages_per_s", "retrieve_ms_p50", "answer_ms_p50"}
+    assert set(latency) == {
+        "embed_passages_per_s",
+        "retrieve_ms_p50",
+        "answer_ms_p50",
+        "answer_all_s",
+    }
     assert latency["answer_ms_p50"] > 0
     # 9 passages of 9 words in chunks of 6 overlapping by 2: 2 chunks each, and nothing else.
     assert metrics["index"] == {"entries": 9 * 2, "dim": 32, "type": "flat"}
@@ -307,6 +312,23 @@ def test_ask_answers_from_the_output_directory_alone(
     assert answer.text in printed
     for hit in answer.passages:
         assert f"[{hit.entry.id}]" in printed
+
+
+def test_batched_answers_are_the_answers_of_ask_one_by_one(built: tuple[Path, dict]) -> None:
+    """Prompts of different lengths in one left-padded batch: the same greedy answers."""
+    root, _ = built
+    system = ask.load_system(root / "output/rag", "cpu")
+    questions = [
+        "what does the retriever do?",
+        "where do the tokens come from when the model learns the masked context?",
+        "why?",
+        "which passages does the generator answer the question from?",
+    ]
+    batched = system.ask_many(questions, batch_size=3)
+    for question, answer in zip(questions, batched, strict=True):
+        alone = system.ask(question)
+        assert answer.text == alone.text and answer.question == question
+        assert [h.entry.id for h in answer.passages] == [h.entry.id for h in alone.passages]
 
 
 def test_no_held_out_answer_is_retrievable_even_with_train_faq_entries(

@@ -41,7 +41,7 @@ GOLD_PASSAGES = [
 
 def golds(answers: list[str], size: int = 50, overlap: int = 5) -> list[list[str]]:
     chunks = knowledge.passage_chunks(GOLD_PASSAGES, size, overlap)
-    return knowledge.gold_chunks(answers, chunks, GOLD_PASSAGES)
+    return knowledge.GoldRule(chunks, GOLD_PASSAGES)(answers)
 
 
 def test_gold_is_every_chunk_holding_the_answer_phrase() -> None:
@@ -132,3 +132,16 @@ def test_bm25_numbers_words_in_sorted_order_so_its_saved_index_is_reproducible()
     words = [w for w in vocab if w]  # bm25s adds "" for words it has never seen
     assert len(words) > 10 and words == sorted(words)
     assert [vocab[w] for w in words] == list(range(len(words)))
+
+
+def test_ivfpq_compresses_and_still_finds_the_entry() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert index.pq_shape(32, len(vectors)) == (4, 6)  # 8-dim sub-vectors, 2**6 <= 4000 / 39
+    built = index.build_index(vectors, "ivfpq")
+    _, ids = index.search(built, vectors[:200], depth=10)
+    assert (ids == np.arange(200)[:, None]).any(axis=1).mean() >= 0.95
+    flat = index.build_index(vectors, "flat")
+    assert len(faiss.serialize_index(built)) * 5 < len(faiss.serialize_index(flat))
+    assert index.pq_shape(30, 10) == (5, 1)  # 6-dim sub-vectors; 1 bit on a tiny base

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lmpipeline import runtime
 from lmpipeline.runtime import SetupError, fingerprint, matmul_flops, precision, resolve_device
 
 
@@ -22,8 +23,16 @@ def test_mixed_precision_is_never_chosen_for_a_cpu() -> None:
 
 
 def test_matmul_peak_is_measured_and_plausible() -> None:
-    flops = matmul_flops(torch.device("cpu"), size=256, seconds=0.2)
+    flops = matmul_flops(torch.device("cpu"), (256, 256, 256), seconds=0.2)
     assert 1e8 < flops < 1e14
+
+
+def test_peak_is_the_best_of_every_shape_and_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    speeds = iter([5.0, 9.0, 7.0, 6.0, 8.0, 1.0, 2.0, 3.0, 4.0])
+    monkeypatch.setattr(runtime, "matmul_flops", lambda device, shape, seconds: next(speeds))
+    peak = runtime.matmul_peak(torch.device("cpu"), hidden=32)
+    assert peak.flops == 9.0 and peak.shape == (2048, 2048, 2048)  # 3 shapes x 3 runs
+    assert "2048x2048 @ 2048x2048" in peak.describe()
 
 
 def test_fingerprint_changes_with_any_part() -> None:

@@ -4,16 +4,18 @@ that trains exactly as the larger batch."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, Trainer
 
-from lmpipeline import cpt, sft
+from lmpipeline import cpt, sft, tokens, training
 from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
 from lmpipeline.models import load_tokenizer, resolve_model
 from lmpipeline.params import CptParams, SftParams
+from lmpipeline.runtime import Peak
 from lmpipeline.testing import TINY_ENCODER, random_model, save
 from lmpipeline.training import last_complete_checkpoint, training_args
 from tests.helpers import CORPUS, sft_records, vocab_size, wordpiece_tokenizer
@@ -53,31 +55,50 @@ def dropout_free_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(model, tokenizer, tmp_path_factory.mktemp("bert-no-dropout"))
 
 
-def cpt_trained(model_dir: Path, batch: int, accum: int, out: Path) -> dict[str, torch.Tensor]:
+def cpt_trained(
+    model_dir: Path, batch: int, accum: int, out: Path, max_tokens: int = 0
+) -> dict[str, torch.Tensor]:
     """The CPT trainer's weights after 3 optimizer steps of `batch` x `accum` blocks."""
     source = resolve_model(str(model_dir))
     tokenizer = load_tokenizer(source)
     model, fresh = cpt.load_mlm(source)
     cfg = CptParams(
-        max_length=16, batch_size=batch, grad_accum=accum, lr=1e-3, max_steps=3, warmup_ratio=0.0
+        max_length=16,
+        batch_size=batch,
+        grad_accum=accum,
+        lr=1e-3,
+        max_steps=3,
+        warmup_ratio=0.0,
+        max_tokens_per_batch=max_tokens,
     )
-    train, heldout = cpt.split_blocks(CORPUS * 8, tokenizer, cfg, seed=0)
+    blocks = tokens.blocks_of(CORPUS * 8, tokenizer, cfg.max_length)
+    train, heldout = cpt.split_blocks(blocks, cfg.eval_fraction, seed=0)
     masking = cpt.Masking.of(tokenizer, cfg)
     batches = cpt.fixed_eval_batches(heldout, masking, 2, seed=0)
-    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train.input_ids))
+    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train))
     cpt.make_trainer(model, args, train, batches, masking, cfg, fresh).train()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def sft_trained(model_dir: Path, batch: int, accum: int, out: Path) -> dict[str, torch.Tensor]:
+def sft_trained(
+    model_dir: Path, batch: int, accum: int, out: Path, max_tokens: int = 0
+) -> dict[str, torch.Tensor]:
     """The SFT trainer's weights after 3 optimizer steps of `batch` x `accum` examples."""
     tokenizer, _ = load_chat_tokenizer(model_dir)
     model = load_causal_lm(model_dir, torch.device("cpu"))
-    cfg = SftParams(batch_size=batch, grad_accum=accum, lr=1e-3, max_steps=3, warmup_ratio=0.0)
-    train, _ = sft.encode_all(tokenizer, sft_records(24), max_length=48)
+    cfg = SftParams(
+        batch_size=batch,
+        grad_accum=accum,
+        lr=1e-3,
+        max_steps=3,
+        warmup_ratio=0.0,
+        max_tokens_per_batch=max_tokens,
+    )
+    train, _ = tokens.encode_all(tokenizer, sft_records(24), max_length=48)
     batches = sft.eval_batches(train[:4], 4, tokenizer.pad_token_id)
     args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train))
-    sft.make_trainer(model, args, train, batches, tokenizer.pad_token_id).train()
+    budget = training.budget_of(cfg, shifted=True)
+    sft.make_trainer(model, args, train, batches, tokenizer.pad_token_id, budget).train()
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -104,3 +125,59 @@ def test_gradient_accumulation_trains_as_the_larger_batch(
         torch.testing.assert_close(accumulated[name], weight, rtol=0, atol=ACCUMULATION_ATOL)
     moved = max((large[k] - initial[k]).abs().max().item() for k in initial if k in large)
     assert moved > 1e-3  # three AdamW steps at lr 1e-3 moved the weights by about that much
+
+
+@pytest.mark.parametrize(
+    ("stage", "trainer_counts"), [("cpt", True), ("sft", True), ("sft", False)]
+)
+def test_a_token_budget_splits_batches_and_trains_as_the_whole_batch(
+    stage: str,
+    trainer_counts: bool,
+    dropout_free_bert_dir: Path,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A budget of 20 padded tokens cuts each micro-batch of 4 into chunks of one row (the rows
+    are 16 tokens or more): each chunk's loss is divided by the whole micro-batch's predicted
+    tokens, so the gradients, and so the weights, are the unsplit batch's. That count comes from
+    the Trainer, or, for a model it counts nothing for, from the budget itself."""
+    monkeypatch.chdir(tmp_path)
+    if not trainer_counts:
+        monkeypatch.setattr(Trainer, "_get_num_items_in_batch", lambda *args: None)
+    trained, model_dir = {
+        "cpt": (cpt_trained, dropout_free_bert_dir),
+        "sft": (sft_trained, tiny_llama_dir),
+    }[stage]
+    whole = trained(model_dir, 4, 1, tmp_path / "whole")
+    split = trained(model_dir, 4, 1, tmp_path / "split", max_tokens=20)
+    for name, weight in whole.items():
+        torch.testing.assert_close(split[name], weight, rtol=0, atol=ACCUMULATION_ATOL)
+
+
+def test_a_budget_cuts_rows_not_tokens() -> None:
+    budget = training.TokenBudget(max_tokens=10, shifted=True)
+    inputs = {"input_ids": torch.zeros(5, 4), "labels": torch.tensor([[-100, 1, 2, -100]] * 5)}
+    chunks = budget.split(inputs)
+    assert [len(c["input_ids"]) for c in chunks] == [2, 2, 1]  # 2 x 4 <= 10 padded tokens
+    assert budget.predicted(inputs["labels"]) == 10  # labels[:, 1:]: two per row
+    assert training.TokenBudget(3, shifted=False).split(inputs)[0]["input_ids"].shape == (1, 4)
+
+
+def test_mfu_is_never_above_one_and_names_its_peak(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slow = Peak(1e9, (1024, 1024, 1024))
+    monkeypatch.setattr(training, "matmul_peak", lambda device, hidden: slow)
+    trainer = SimpleNamespace(
+        tokens_seen=1000,
+        step_seconds=1.0,
+        state=SimpleNamespace(global_step=2),
+        peak=Peak(2e9, (2048, 32, 128)),  # measured before training: the better one is used
+        model=SimpleNamespace(config=SimpleNamespace(hidden_size=32)),
+    )
+    fair = training.throughput("sft", trainer, 1e6, torch.device("cpu"))  # 1 GFLOP/s achieved
+    assert fair["mfu"] == 0.5 and fair["peak"].startswith("2 GFLOP/s (2048x32 @ 32x128")
+    outran = training.throughput("sft", trainer, 1e7, torch.device("cpu"))  # 10 GFLOP/s
+    assert outran["mfu"] == 1.0
+    assert "training outran every sample" in capsys.readouterr().out

@@ -169,12 +169,16 @@ def test_empty_file_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize(
     ("dataset", "name"), [("pretrain", "pretrain.txt"), ("sft", "sft.jsonl"), ("rag", "rag.jsonl")]
 )
-def test_default_data_passes_with_the_repository_params(dataset: str, name: str) -> None:
+def test_default_data_passes_with_the_repository_params(
+    tmp_path: Path, dataset: str, name: str
+) -> None:
     params = load_params(ROOT / "params.yaml")
-    frame, metrics, _ = validation.validate_file(
-        ROOT / "data" / name, validation.DATASETS[dataset], params
+    source = ROOT / "data" / name
+    metrics, _ = validation.validate_file(
+        source, validation.DATASETS[dataset], params, tmp_path / "out"
     )
-    assert metrics["records"] == len(frame)
+    lines = source.read_text(encoding="utf-8-sig").split("\n")
+    assert metrics["records"] == sum(bool(t.strip()) for t in lines)
     minimum = {"pretrain": 400, "sft": 200, "rag": 150}[dataset]
     assert metrics["records"] >= minimum
     if dataset == "pretrain":
@@ -303,3 +307,37 @@ def test_a_stage_run_before_its_inputs_exist_says_which_in_one_line(
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{missing} none" in err and "no such file or directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_checks_across_lines_span_chunks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read two lines at a time, a duplicate and a leak whose lines fall in different chunks
+    are still found, with every line of each, and the problems come in file order."""
+    records = list(GOOD)
+    held_out = eval_mask(len(records) + 1, 0.1, seed=3)
+    train_i, eval_i = int(held_out.argmin()), int(held_out.nonzero()[0][0])
+    records[eval_i] = {"prompt": records[train_i]["prompt"].lower(), "response": "Other."}
+    records.append(records[0])  # line 13 repeats line 1, six chunks later
+    params = "seed: 3\nsft:\n  eval_fraction: 0.1\nvalidate:\n  chunk_lines: 2\n"
+    assert run(tmp_path, "sft", jsonl(records), params) == 1
+    lines = errors(capsys)
+    assert any(":1: exact duplicate of line(s) 13" in line for line in lines)
+    assert any(":13: exact duplicate of line(s) 1" in line for line in lines)
+    assert any(f":{eval_i + 1}: prompt also at line(s) {train_i + 1}" in line for line in lines)
+    numbers = [int(line.split(":")[1]) for line in lines[:-1]]
+    assert numbers == sorted(numbers) and not (tmp_path / "out/data").exists()
+
+
+def test_streamed_validation_writes_what_one_chunk_writes(tmp_path: Path) -> None:
+    content = (ROOT / "data/sft.jsonl").read_bytes()
+    outputs = []
+    for n in (7, 100_000):
+        work = tmp_path / str(n)
+        work.mkdir()
+        assert run(work, "sft", content, f"validate:\n  chunk_lines: {n}\n") == 0
+        out = work / "out"
+        outputs.append([(f.name, f.read_bytes()) for f in sorted((out / "data").iterdir())])
+        outputs.append((out / "metrics.json").read_bytes())
+        outputs.append((out / "report.md").read_text().replace(str(work), "<work>"))
+    assert outputs[:3] == outputs[3:]

@@ -164,10 +164,20 @@ class CptSftSystem:
         return context - self.config.max_new_tokens if context else None
 
     def ask(self, question: str, k: int | None = None) -> Answer:
-        found = self.retrieve(question, k)
-        budget = self.prompt_budget()
-        prompt = fitted_prompt(self.config, question, found, self.generator_tokenizer, budget)
-        text = generate(
-            self.generator, self.generator_tokenizer, [prompt], self.config.max_new_tokens, 1
-        )[0]
-        return Answer(question, text, found)
+        return self.answers([question], 1, k)[0]
+
+    def ask_many(self, questions: Sequence[str], batch_size: int) -> list[Answer]:
+        return self.answers(questions, batch_size, None)
+
+    def answers(self, questions: Sequence[str], batch_size: int, k: int | None) -> list[Answer]:
+        """Retrieve for every question at once, then generate `batch_size` answers at a time
+        (left-padded, greedy: the answers `ask` gives one by one)."""
+        scores, ids = self.rank(questions, k or self.config.top_k)
+        found = [hits(self.entries, s, i) for s, i in zip(scores, ids, strict=True)]
+        budget, tokenizer = self.prompt_budget(), self.generator_tokenizer
+        prompts = [
+            fitted_prompt(self.config, q, f, tokenizer, budget)
+            for q, f in zip(questions, found, strict=True)
+        ]
+        texts = generate(self.generator, tokenizer, prompts, self.config.max_new_tokens, batch_size)
+        return [Answer(q, t, f) for q, t, f in zip(questions, texts, found, strict=True)]

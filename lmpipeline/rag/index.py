@@ -67,7 +67,8 @@ def embed(
 
 
 def build_index(vectors: np.ndarray, kind: str) -> faiss.Index:
-    """Inner-product index over normalized vectors: exact (flat) or approximate (hnsw, ivf)."""
+    """Inner-product index over normalized vectors: exact (flat) or approximate (hnsw, ivf,
+    ivfpq), its size-dependent settings chosen from the number of vectors."""
     dim = vectors.shape[1]
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -75,13 +76,32 @@ def build_index(vectors: np.ndarray, kind: str) -> faiss.Index:
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = HNSW_EF_SEARCH
     else:
-        # ~4 sqrt(n) lists (FAISS's guideline), a quarter of them probed: recall over speed.
+        # ~4 sqrt(n) lists (FAISS's guideline), each trained on >= 39 points; a quarter probed
+        # for ivf (recall over speed), 1/16 for ivfpq (the lists of a large base are long).
         lists = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = max(1, lists // 4)
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        else:
+            m, bits = pq_shape(dim, len(vectors))
+            index = faiss.IndexIVFPQ(quantizer, dim, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
+        # k-means on at most 64 points a list (FAISS itself warns below 39 and samples above
+        # 256): a seeded sample keeps training a base of millions to minutes.
+        sample = min(len(vectors), 64 * lists)
+        rows = np.random.default_rng(0).choice(len(vectors), sample, replace=False)
+        index.train(vectors[np.sort(rows)] if sample < len(vectors) else vectors)
+        index.nprobe = max(1, lists // (4 if kind == "ivf" else 16))
     index.add(vectors)
     return index
+
+
+def pq_shape(dim: int, n: int) -> tuple[int, int]:
+    """Product quantization of `dim` dimensions for `n` training vectors: sub-vectors of 8
+    dimensions (or the largest divisor of `dim` at most 8), each coded on up to 8 bits, fewer
+    when there are too few vectors to train 2**bits centroids (39 points each)."""
+    width = next(w for w in range(min(8, dim), 0, -1) if dim % w == 0)
+    bits = int(max(1, min(8, np.floor(np.log2(max(n // 39, 2))))))
+    return dim // width, bits
 
 
 def search(index: faiss.Index, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

@@ -122,22 +122,31 @@ def holding(sentence: Sentence, chunks: Sequence[Chunk]) -> list[str]:
     return [cid for cid, words in overlap.items() if words == best and words > 0]
 
 
-def gold_chunks(
-    answers: Sequence[str], chunks: Sequence[Chunk], passages: Sequence[str]
-) -> list[list[str]]:
-    """Each answer's gold chunk ids by the module's rule ([] where no chunk states it)."""
-    padded = [f" {normalize_answer(c.entry.text)} " for c in chunks]
-    pool = sentences(passages)
-    bm25 = build_bm25([s.text for s in pool]) if pool else None
-    golds: list[list[str]] = []
-    for answer in answers:
-        phrase = f" {normalize_answer(answer)} "
-        found = [c.entry.id for c, t in zip(chunks, padded, strict=True) if phrase in t]
-        if found and content_words(answer):
-            golds.append(found)
-            continue
-        golds.append(stating_chunks(answer, pool, bm25, chunks) if bm25 else [])
-    return golds
+class GoldRule:
+    """The module's rule over one corpus, its indexes built once: call it on batch after batch
+    of answers."""
+
+    def __init__(self, chunks: Sequence[Chunk], passages: Sequence[str]) -> None:
+        self.chunks = chunks
+        self.padded = [f" {normalize_answer(c.entry.text)} " for c in chunks]
+        self.pool = sentences(passages)
+        self.bm25 = build_bm25([s.text for s in self.pool]) if self.pool else None
+
+    def __call__(self, answers: Sequence[str]) -> list[list[str]]:
+        """Each answer's gold chunk ids ([] where no chunk states it)."""
+        golds: list[list[str]] = []
+        for answer in answers:
+            phrase = f" {normalize_answer(answer)} "
+            found = [
+                c.entry.id for c, t in zip(self.chunks, self.padded, strict=True) if phrase in t
+            ]
+            if found and content_words(answer):
+                golds.append(found)
+            elif self.bm25 is None:
+                golds.append([])
+            else:
+                golds.append(stating_chunks(answer, self.pool, self.bm25, self.chunks))
+        return golds
 
 
 def stating_chunks(

@@ -201,6 +201,10 @@ class RagSequenceSystem:
         text = self.tokenizer.generator.batch_decode(out, skip_special_tokens=True)[0].strip()
         return Answer(question, text, self.retrieve(question, k))
 
+    def ask_many(self, questions: Sequence[str], batch_size: int) -> list[Answer]:
+        """One question at a time: RAG-sequence decodes an answer per document already."""
+        return [self.ask(q) for q in questions]
+
     def _tokens(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> BatchEncoding:
         return tokenizer(
             list(texts),

@@ -40,12 +40,13 @@ from lmpipeline.sft import (
     LengthGrouped,
     causal_loss,
     collate,
-    encode_all,
     flops_per_token,
     optimizer_batch,
 )
+from lmpipeline.tokens import encode_all
 from lmpipeline.training import (
     StageTrainer,
+    budget_of,
     checkpoint_dir,
     throughput,
     train_resumable,
@@ -122,6 +123,7 @@ def teach_reader(
         loss_fn=causal_loss,
         eval_fn=lambda m: {},
         sampler=LengthGrouped(lengths, optimizer_batch(args), params.seed),
+        budget=budget_of(cfg, shifted=True),
     )
     model = train_resumable(trainer, "rag: reader")
     share = trainer.predicted_seen / max(trainer.tokens_seen, 1)

@@ -175,3 +175,7 @@ class System(Protocol):
     def ask(self, question: str, k: int | None = None) -> Answer:
         """The answer with the top `k` passages, and those passages."""
         ...
+
+    def ask_many(self, questions: Sequence[str], batch_size: int) -> list[Answer]:
+        """`ask` for each question, generated `batch_size` at a time: the same answers."""
+        ...

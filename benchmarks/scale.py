@@ -1,0 +1,283 @@
+"""How the data-bound steps grow with the data: wall time and peak resident memory of validating
+each dataset on N-fold copies of the default data, and a 1 GB `pretrain.txt`.
+
+Each run is the real stage (`python -m stages.validate ...`) in a child process, measured by
+`benchmarks.measure.run_child` (wall time, peak RSS from wait4's rusage, the share of the CPUs
+other processes took meanwhile). The copies are distinct: copy k of a passage, prompt or question
+ends with " (copy k)", so deduplication keeps every one and the checks across lines see N times
+the records. The RAG questions are always checked against the 1x validated passages (the corpus
+they are about), so their gold rule costs the same per question at every N.
+
+    python -m benchmarks.scale [--folds 1 10 100] [--gigabytes 1] [--entries 1000000] [--keep]
+
+The index part builds FAISS indexes over a synthetic knowledge base of `--entries` random unit
+vectors of 384 dimensions (the bundled encoder's), each kind in a child process: build time,
+peak RSS, the index's size, one-query search p50, and, for queries that are base vectors plus
+noise, how often the source vector is in the top 10 (its true nearest entry) and how much of
+flat's top 10 each kind shares. Random vectors are the hardest case for product quantization
+(and their other 9 neighbours are near-ties, so the shared share says little): a real corpus,
+whose embeddings cluster, quantizes better.
+
+Run it on an otherwise idle machine: the "other CPU" column says how much else was running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from benchmarks.measure import ROOT, Usage, run_child
+from lmpipeline.rag.index import build_index, search
+
+SOURCES = {"pretrain": "pretrain.txt", "sft": "sft.jsonl", "rag": "rag.jsonl"}
+SPLIT_KEY = {"sft": "prompt", "rag": "question"}
+
+
+@dataclass
+class Measured:
+    step: str
+    label: str
+    lines: int
+    megabytes: float
+    usage: Usage
+
+
+def copies(dataset: str, lines: list[str], k: int) -> Iterator[str]:
+    """Copy `k` of a file's lines, each made distinct from every other copy's."""
+    for line in lines:
+        if dataset == "pretrain":
+            yield f"{line} (copy {k})"
+        else:
+            record = json.loads(line)
+            record[SPLIT_KEY[dataset]] += f" (copy {k})"
+            yield json.dumps(record, ensure_ascii=False)
+
+
+def build(dataset: str, path: Path, folds: int | None, size: int | None = None) -> int:
+    """Write `folds` copies (or as many as reach `size` bytes) of a default file; its lines."""
+    lines = [t for t in (ROOT / "data" / SOURCES[dataset]).read_text().split("\n") if t.strip()]
+    written, k = 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while (folds is not None and k < folds) or (size is not None and f.tell() < size):
+            for line in copies(dataset, lines, k):
+                f.write(line + "\n")
+                written += 1
+            k += 1
+    return written
+
+
+def validate(work: Path, dataset: str, source: Path, passages: Path) -> Usage:
+    out = work / "out" / dataset
+    shutil.rmtree(out.parent, ignore_errors=True)
+    command = [
+        sys.executable,
+        "-m",
+        "stages.validate",
+        dataset,
+        f"--input={source}",
+        f"--output={out}",
+        f"--metrics={work / 'out' / dataset}.json",
+        f"--report={work / 'out' / dataset}.md",
+        f"--params={ROOT / 'params.yaml'}",
+    ]
+    if dataset == "rag":
+        command.append(f"--passages={passages}")
+    usage = run_child(command, work, work / f"validate_{dataset}.log")
+    if usage.status:
+        raise SystemExit(f"validate {dataset} failed: {work / f'validate_{dataset}.log'}")
+    return usage
+
+
+def tokenize(work: Path, kind: str, data: Path) -> Usage | None:
+    """`tokenize_<kind>` on validated data (sft: with `output/sft_base`'s tokenizer, when a
+    `dvc repro` made it; None otherwise)."""
+    base = ROOT / "output/sft_base"
+    if kind == "sft" and not (base / "config.json").is_file():
+        return None
+    out = work / "out" / f"tokens-{kind}"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "stages.tokenize", kind, f"--data={data}", f"--output={out}"]
+    command += [f"--params={ROOT / 'params.yaml'}", *([f"--base={base}"] if kind == "sft" else [])]
+    usage = run_child(command, work, work / f"tokenize_{kind}.log")
+    if usage.status:
+        raise SystemExit(f"tokenize {kind} failed: {work / f'tokenize_{kind}.log'}")
+    return usage
+
+
+TOKENIZED = {"pretrain": "cpt", "sft": "sft"}  # what each validated dataset is tokenized for
+
+
+def steps_of(work: Path, dataset: str, source: Path, passages: Path, label: str) -> list[Measured]:
+    """Validate `source`, then tokenize what it validated to; one row per step."""
+    lines, mb = sum(1 for _ in source.open("rb")), source.stat().st_size / 1e6
+    rows = [
+        Measured(f"validate {dataset}", label, lines, mb, validate(work, dataset, source, passages))
+    ]
+    kind = TOKENIZED.get(dataset)
+    tokenized = tokenize(work, kind, work / "out" / dataset) if kind else None
+    if tokenized is not None:
+        rows.append(Measured(f"tokenize {kind}", label, lines, mb, tokenized))
+    for r in rows:
+        print(row(r), flush=True)
+    return rows
+
+
+def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
+    passages = work / "passages.txt"  # the 1x validated passages, for the RAG golds
+    build("pretrain", work / "pretrain-1.txt", 1)
+    validate(work, "pretrain", work / "pretrain-1.txt", passages)
+    shutil.copy(work / "out" / "pretrain", passages)
+    results = []
+    for dataset in SOURCES:
+        for n in folds:
+            source = work / f"{dataset}-{n}.{SOURCES[dataset].split('.')[1]}"
+            build(dataset, source, n)
+            results += steps_of(work, dataset, source, passages, f"{n}x")
+            source.unlink()
+    if gigabytes:
+        source = work / "pretrain-big.txt"
+        build("pretrain", source, None, int(gigabytes * 1e9))
+        results += steps_of(work, "pretrain", source, passages, f"{gigabytes:g} GB")
+        source.unlink()
+    return results
+
+
+HEADER = (
+    "| step | size | lines | MB | wall s | µs/line | peak RSS GiB | other CPU |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def row(m: Measured) -> str:
+    other = "?" if m.usage.other_cpu is None else f"{m.usage.other_cpu:.0%}"
+    return (
+        f"| {m.step} | {m.label} | {m.lines:,} | {m.megabytes:,.1f} | {m.usage.wall_s:.1f}"
+        f" | {m.usage.wall_s / m.lines * 1e6:.0f} | {m.usage.peak_rss_gib:.2f} | {other} |"
+    )
+
+
+def slopes(results: list[Measured]) -> list[str]:
+    """Per step, each run against the previous size: how many times the lines, the time and the
+    peak RSS, and the time per added line (the start-up, a few seconds of imports, cancels out)."""
+    out = []
+    for step in dict.fromkeys(m.step for m in results):
+        runs = sorted((m for m in results if m.step == step), key=lambda m: m.lines)
+        for a, b in itertools.pairwise(runs):
+            added = (b.usage.wall_s - a.usage.wall_s) / max(b.lines - a.lines, 1) * 1e6
+            out.append(
+                f"{step}: {b.label} vs {a.label}: {b.lines / a.lines:.1f}x the lines,"
+                f" {b.usage.wall_s / a.usage.wall_s:.1f}x the time ({added:.0f} µs per added"
+                f" line), {b.usage.peak_rss_gib / a.usage.peak_rss_gib:.2f}x the peak RSS"
+            )
+    return out
+
+
+DIM = 384
+QUERIES = 200
+
+
+def synthetic(n: int, seed: int = 0) -> np.ndarray:
+    """`n` random unit vectors, made in blocks so that only the result is held."""
+    out = np.empty((n, DIM), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, 100_000):
+        block = rng.standard_normal((min(100_000, n - start), DIM), dtype=np.float32)
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def index_child(kind: str, n: int, result: Path) -> None:
+    """Build one index over the synthetic base, search it; write the figures to `result`."""
+    vectors = synthetic(n)
+    start = time.perf_counter()
+    built = build_index(vectors, kind)
+    build_s = time.perf_counter() - start
+    queries = vectors[:QUERIES] + 0.05 * synthetic(QUERIES, seed=1)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    one = []
+    for q in queries:
+        start = time.perf_counter()
+        search(built, q[None], 10)
+        one.append(time.perf_counter() - start)
+    _, found = search(built, queries, 10)
+    figures = {
+        "source_found": float((found == np.arange(QUERIES)[:, None]).any(axis=1).mean()),
+        "build_s": build_s,
+        "index_mb": len(faiss.serialize_index(built)) / 1e6,
+        "search_ms_p50": float(np.median(one)) * 1000,
+        "found": found.tolist(),
+    }
+    result.write_text(json.dumps(figures))
+
+
+def measure_index(work: Path, n: int) -> list[str]:
+    rows, exact = [], None
+    for kind in ("flat", "ivfpq"):
+        result = work / f"index-{kind}.json"
+        command = [sys.executable, "-m", "benchmarks.scale", "--child-index", kind, str(n)]
+        usage = run_child([*command, str(result)], work, work / f"index-{kind}.log")
+        if usage.status:
+            raise SystemExit(f"index {kind} failed: {work / f'index-{kind}.log'}")
+        figures = json.loads(result.read_text())
+        found = np.array(figures["found"])
+        exact = found if exact is None else exact
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
+        rows.append(
+            f"| {kind} | {n:,} | {figures['build_s']:.1f} | {usage.peak_rss_gib:.2f}"
+            f" | {figures['index_mb']:,.0f} | {figures['search_ms_p50']:.2f}"
+            f" | {figures['source_found']:.3f} | {recall:.3f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+INDEX_HEADER = (
+    "| index | entries | build s | peak RSS GiB | index MB | search p50 ms (1 query)"
+    " | source in top 10 | top 10 shared with flat |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folds", type=int, nargs="*", default=[1, 10, 100])
+    parser.add_argument("--gigabytes", type=float, default=1.0, help="0: no big pretrain file")
+    parser.add_argument("--entries", type=int, default=1_000_000, help="0: no index part")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--child-index", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_index:
+        kind, n, result = args.child_index
+        index_child(kind, int(n), Path(result))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="scale-"))
+    try:
+        if args.folds or args.gigabytes:
+            print(HEADER, flush=True)
+            results = measure(work, args.folds, args.gigabytes)
+            print()
+            print("\n".join(slopes(results)))
+        if args.entries:
+            print()
+            print(INDEX_HEADER, flush=True)
+            measure_index(work, args.entries)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

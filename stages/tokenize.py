@@ -1,0 +1,146 @@
+"""Stages `tokenize_cpt`, `tokenize_cpt_lm` and `tokenize_sft`: the validated data tokenized once
+into memory-mapped Arrow datasets that the training stages read, so that a training param
+(`dvc exp run -S sft.lr=...`) reruns training but never tokenization.
+
+    python -m stages.tokenize cpt --data output/data/pretrain.txt --output output/tokens/cpt
+    python -m stages.tokenize cpt_lm --base output/sft_base --data output/data/pretrain.txt \
+        --output output/tokens/cpt_lm
+    python -m stages.tokenize sft --base output/sft_base --data output/data/sft \
+        --output output/tokens/sft
+
+Each depends only on its data, its tokenizer and the params that change tokens (`max_length`;
+for `cpt` the model it names). The formats and the checks are in `lmpipeline.tokens`; so is what a
+row holds.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lmpipeline import stage, tokens
+from lmpipeline.chat import load_chat_tokenizer
+from lmpipeline.data import file_digest
+from lmpipeline.errors import StageError
+from lmpipeline.models import load_tokenizer, resolve_model
+from lmpipeline.params import Params
+from lmpipeline.stage import INPUT
+
+KINDS = ("cpt", "cpt_lm", "sft")
+
+
+@dataclass(frozen=True)
+class TokenizePaths:
+    kind: str = field(metadata={"choices": list(KINDS)})
+    """Whose tokens: cpt (encoder blocks), cpt_lm (generator blocks) or sft (chat examples)."""
+    data: Path = field(metadata=INPUT)
+    """The validated passages (cpt, cpt_lm) or the directory of train.jsonl and eval.jsonl."""
+    output: Path
+    """Where the token dataset goes (a directory)."""
+    base: Path | None = None
+    """cpt_lm, sft: the generator whose tokenizer is used (output/sft_base)."""
+
+    @property
+    def stage(self) -> str:
+        return f"tokenize_{self.kind}"
+
+
+def generator_tokenizer(paths: TokenizePaths, chat: bool) -> PreTrainedTokenizerBase:
+    if paths.base is None or not (paths.base / "config.json").is_file():
+        raise StageError(
+            f"--base {paths.base}: the generator's directory is needed for its tokenizer:"
+            " run `dvc repro sft_base` first"
+        )
+    if chat:
+        return load_chat_tokenizer(paths.base)[0]
+    return AutoTokenizer.from_pretrained(paths.base, trust_remote_code=False)
+
+
+def blocks(
+    paths: TokenizePaths,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenize: tokens.BatchFn,
+    features: tuple[datasets.Features, datasets.Features],
+    regrouping: tokens.RegroupFn,
+    max_length: int,
+) -> dict[str, Any]:
+    """Tokenize the passages line by line in parallel, pack them into blocks in order, and
+    publish the blocks; return the counts."""
+    with tokens.staging(paths.output) as work:
+        lines = tokens.rows_of(paths.data, Path(work))
+        tokenized = tokens.tokenize(lines, tokenize, features[0])
+        packed = tokens.regroup(tokenized, regrouping, features[1], Path(work))
+        counts = {"blocks": len(packed), "passage_tokens": tokens.token_count(tokenized, "ids")}
+        info = {**meta(tokenizer, paths.data, counts), "max_length": max_length}
+        tokens.save(paths.output, {"blocks": packed}, info)
+    return counts
+
+
+def meta(
+    tokenizer: PreTrainedTokenizerBase, source: Path, counts: dict[str, Any]
+) -> dict[str, Any]:
+    return {"tokenizer": tokens.fingerprint(tokenizer), "source": file_digest(source), **counts}
+
+
+def run(params: Params, paths: TokenizePaths) -> None:
+    if paths.kind == "cpt":
+        cfg = params.cpt
+        tokenizer = load_tokenizer(resolve_model(cfg.model))
+        make = tokens.block_maker(cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        features = (tokens.LINE_FEATURES, tokens.MLM_BLOCK_FEATURES)
+        tokenize = tokens.line_tokenizer(tokenizer)
+        counts = blocks(paths, tokenizer, tokenize, features, make, cfg.max_length)
+    elif paths.kind == "cpt_lm" and not params.cpt_lm.enabled:
+        tokens.save(paths.output, {}, {"enabled": False})  # cpt_lm reads no tokens: none made
+        counts = {"blocks": 0}
+    elif paths.kind == "cpt_lm":
+        cfg = params.cpt_lm
+        tokenizer = generator_tokenizer(paths, chat=False)
+        features = (tokens.PASSAGE_FEATURES, tokens.CLM_BLOCK_FEATURES)
+        tokenize, make = tokens.passage_tokenizer(tokenizer), tokens.packer(cfg.max_length)
+        counts = blocks(paths, tokenizer, tokenize, features, make, cfg.max_length)
+    else:
+        counts = sft_examples(params, paths)
+    summary = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    print(f"{paths.stage}: {paths.data} -> {paths.output}: {summary}")
+
+
+def sft_examples(params: Params, paths: TokenizePaths) -> dict[str, Any]:
+    cfg = params.sft
+    tokenizer = generator_tokenizer(paths, chat=True)
+    tokenize = tokens.pair_tokenizer(tokenizer, cfg.max_length)
+    splits, counts = {}, {}
+    with tokens.staging(paths.output) as work:
+        for split in ("train", "eval"):
+            pairs = tokens.rows_of(
+                paths.data / f"{split}.jsonl", Path(work), ["prompt", "response"]
+            )
+            examples = tokens.tokenize(pairs, tokenize, tokens.EXAMPLE_FEATURES)
+            # A pair dropped for want of a response token counts as truncated too.
+            dropped = len(pairs) - len(examples)
+            splits[split] = examples
+            counts[f"{split}_examples"] = len(examples)
+            truncated = examples.data.column("truncated").to_pylist()
+            counts[f"{split}_truncated"] = sum(truncated) + dropped
+        sources = [file_digest(paths.data / f"{s}.jsonl") for s in ("train", "eval")]
+        info = {
+            "tokenizer": tokens.fingerprint(tokenizer),
+            "source": sources,
+            "max_length": cfg.max_length,
+            **counts,
+        }
+        tokens.save(paths.output, splits, info)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage.main(TokenizePaths, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
