@@ -151,10 +151,6 @@ class TrainingParams:
     """Checkpoint every N optimizer steps (resume after a crash)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, more compute."""
-    max_tokens_per_batch: int = 0
-    """Padded tokens a forward pass may hold: a micro-batch above it is split into row chunks
-    whose gradients add up to the whole micro-batch's (memory bounded by tokens, not by
-    examples); 0 = no bound."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_steps", "save_steps"):
@@ -169,7 +165,18 @@ class TrainingParams:
 
 
 @dataclass(frozen=True)
-class CptParams(TrainingParams):
+class BudgetedParams(TrainingParams):
+    """Training whose loss is a sum over tokens, so that a batch may be split (not the
+    retriever's contrastive loss, whose negatives are the rest of its batch)."""
+
+    max_tokens_per_batch: int = 0
+    """Padded tokens a forward pass may hold: a micro-batch above it is split into row chunks
+    whose gradients add up to the whole micro-batch's (memory bounded by tokens, not by
+    examples); 0 = no bound."""
+
+
+@dataclass(frozen=True)
+class CptParams(BudgetedParams):
     model: str = "bundled:minilm-l6"
     """Encoder to continue pre-training: a local directory, bundled:NAME or a Hugging Face id
     (bert-base-uncased); also the `base` retriever of the rag stage."""
@@ -198,7 +205,7 @@ class CptParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class AdaptedParams(TrainingParams):
+class AdaptedParams(BudgetedParams):
     """Training of the causal LM (cpt_lm, sft): the whole model, or LoRA adapters merged on save."""
 
     lora_r: int = 0
@@ -295,16 +302,10 @@ class RagTrainingParams(TrainingParams):
         super().__post_init__()
         if self.hard_negatives < 0:
             raise ParamsError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
-        if self.max_tokens_per_batch:
-            # Each question's negatives are the batch's other positives: a chunk has fewer.
-            raise ParamsError(
-                "max_tokens_per_batch must be 0 here: splitting a batch would change the"
-                " retriever's in-batch negatives (lower batch_size instead)"
-            )
 
 
 @dataclass(frozen=True)
-class RagReaderParams(TrainingParams):
+class RagReaderParams(BudgetedParams):
     """Teaching the generator to read (cpt-sft; RAFT): the SFT model fine-tuned on the train
     questions in `ask`'s prompt with the passages the built system retrieves, the gold chunk among
     them, or absent with "The passages do not say." as the answer."""

@@ -22,7 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipeline.metrics import perplexity
-from lmpipeline.params import LaunchParams, TrainingParams
+from lmpipeline.params import BudgetedParams, LaunchParams, TrainingParams
 from lmpipeline.runtime import Peak, end_distributed, fingerprint, is_main_process, matmul_peak
 from lmpipeline.stage import CHECKPOINTS, checkpoint_folders, remove_checkpoints
 
@@ -115,7 +115,7 @@ class TokenBudget:
         return int(((labels[:, 1:] if self.shifted else labels) != -100).sum())
 
 
-def budget_of(cfg: TrainingParams, shifted: bool) -> TokenBudget | None:
+def budget_of(cfg: BudgetedParams, shifted: bool) -> TokenBudget | None:
     return TokenBudget(cfg.max_tokens_per_batch, shifted) if cfg.max_tokens_per_batch else None
 
 
