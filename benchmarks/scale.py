@@ -36,6 +36,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import yaml
 
 from benchmarks.measure import ROOT, Usage, run_child
 from lmpipeline.rag.index import build_index, search
@@ -183,6 +184,89 @@ def slopes(results: list[Measured]) -> list[str]:
     return out
 
 
+# --- SFT memory with and without a token budget ------------------------------------------------
+
+SFT_STEPS = {"max_steps": 4, "eval_steps": 100, "save_steps": 100, "max_new_tokens": 1}
+
+
+def longer(work: Path, factor: int) -> Path:
+    """data/sft.jsonl with every response `factor` times as long (its text repeated)."""
+    path = work / f"sft-x{factor}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for line in (ROOT / "data/sft.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            record["response"] = " ".join([record["response"]] * factor)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def sft_peak(work: Path, name: str, data: Path, overrides: dict) -> Usage:
+    """Validate, tokenize and run the sft stage for a few steps on `data`; the stage's usage."""
+    run = work / name
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sft"].update({**SFT_STEPS, **overrides})
+    params["validate"]["sft"]["response"]["max_chars"] = 10**6
+    (run / "output").mkdir(parents=True)
+    (run / "params.yaml").write_text(yaml.safe_dump(params))
+    base, data_dir, tokens = ROOT / "output/sft_base", run / "data", run / "tokens"
+    steps = [
+        [
+            "validate",
+            "sft",
+            f"--input={data}",
+            f"--output={data_dir}",
+            f"--metrics={run / 'v.json'}",
+            f"--report={run / 'v.md'}",
+        ],
+        ["tokenize", "sft", f"--base={base}", f"--data={data_dir}", f"--output={tokens}"],
+        [
+            "sft",
+            f"--base={base}",
+            f"--tokens={tokens}",
+            f"--data={data_dir}",
+            f"--output={run / 'model'}",
+            f"--metrics={run / 'm.json'}",
+            f"--plots={run / 'plots'}",
+            f"--samples={run / 's.md'}",
+        ],
+    ]
+    for stage, *args in steps:
+        command = [
+            sys.executable,
+            "-m",
+            f"stages.{stage}",
+            *args,
+            f"--params={run / 'params.yaml'}",
+        ]
+        usage = run_child(command, run, run / "log")
+        if usage.status:
+            raise SystemExit(f"{name}: {stage} failed: {run / 'log'}")
+    return usage
+
+
+def measure_sft_memory(work: Path) -> None:
+    """Peak RSS of the sft stage on the default data, and on responses 4 times as long (at
+    4 x `sft.max_length`), without and with a token budget of the default data's batch."""
+    if not (ROOT / "output/sft_base/config.json").is_file():
+        print("sft memory: needs output/sft_base (dvc repro sft_base); skipped")
+        return
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["sft"]
+    long_length, budget = 4 * cfg["max_length"], cfg["batch_size"] * cfg["max_length"]
+    runs = [
+        ("default data", ROOT / "data/sft.jsonl", {}),
+        ("4x longer responses", longer(work, 4), {"max_length": long_length}),
+        (
+            f"4x longer, max_tokens_per_batch {budget}",
+            longer(work, 4),
+            {"max_length": long_length, "max_tokens_per_batch": budget},
+        ),
+    ]
+    print("| sft run (4 steps) | peak RSS GiB | wall s |\n|---|---:|---:|")
+    for n, (label, data, overrides) in enumerate(runs):
+        usage = sft_peak(work, f"sft-{n}", data, overrides)
+        print(f"| {label} | {usage.peak_rss_gib:.2f} | {usage.wall_s:.0f} |", flush=True)
+
+
 DIM = 384
 QUERIES = 200
 
@@ -253,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, nargs="*", default=[1, 10, 100])
     parser.add_argument("--gigabytes", type=float, default=1.0, help="0: no big pretrain file")
     parser.add_argument("--entries", type=int, default=1_000_000, help="0: no index part")
+    parser.add_argument("--sft-memory", action="store_true", help="SFT peak RSS with a budget")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--child-index", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -271,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(INDEX_HEADER, flush=True)
             measure_index(work, args.entries)
+        if args.sft_memory:
+            print()
+            measure_sft_memory(work)
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -73,7 +73,11 @@ def matmul_flops(
 ) -> float:
     """Measured fp32 FLOP/s of one (m x k) @ (k x n) matmul shape on `device`."""
     m, k, n = shape
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    # A generator of its own: drawing from the global one would change the dropout masks of the
+    # training that follows a measurement, and so its results.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=generator)
+    b = torch.randn(k, n, device=device, generator=generator)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm up the BLAS threads, caches and kernels
         a @ b

@@ -38,3 +38,11 @@ def test_peak_is_the_best_of_every_shape_and_run(monkeypatch: pytest.MonkeyPatch
 def test_fingerprint_changes_with_any_part() -> None:
     assert fingerprint({"lr": 1e-4}, 42) == fingerprint({"lr": 1e-4}, 42)
     assert fingerprint({"lr": 1e-4}, 42) != fingerprint({"lr": 2e-4}, 42)
+
+
+def test_measuring_the_peak_leaves_the_global_random_state_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    matmul_flops(torch.device("cpu"), (64, 64, 64), seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)  # training's dropout masks stay the same

@@ -77,12 +77,18 @@ def test_cpt_lm_disabled_tokenizes_nothing(tmp_path: Path, tiny_llama_dir: Path)
     assert meta == {"enabled": False, "splits": []}
 
 
+def tokenized_sft_project(tmp_path: Path, max_length: int, base: Path) -> Path:
+    """An SFT project (`write_sft_project`) with its examples tokenized under `tokens`."""
+    project = write_sft_project(tmp_path, max_length=max_length)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert run("sft", project / "data", project / "tokens", params, base) == 0
+    return project
+
+
 def test_sft_examples_are_the_in_memory_examples(
     tmp_path: Path, tiny_llama_dir: Path, small_batches: None
 ) -> None:
-    project = write_sft_project(tmp_path, max_length=24)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert run("sft", project / "data", project / "tokens", params, tiny_llama_dir) == 0
+    project = tokenized_sft_project(tmp_path, 24, tiny_llama_dir)
     tokenizer, _ = load_chat_tokenizer(tiny_llama_dir)
     meta, splits = tokens.load(project / "tokens", tokenizer, "sft", "tokenize_sft", {})
     for split in ("train", "eval"):
@@ -99,9 +105,7 @@ def test_sft_examples_are_the_in_memory_examples(
 def test_training_stages_refuse_tokens_of_another_tokenizer_or_max_length(
     tmp_path: Path, tiny_llama_dir: Path, tiny_gpt2_dir: Path
 ) -> None:
-    project = write_sft_project(tmp_path, max_length=32)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    assert run("sft", project / "data", project / "tokens", params, tiny_llama_dir) == 0
+    project = tokenized_sft_project(tmp_path, 32, tiny_llama_dir)
     other, _ = load_chat_tokenizer(tiny_gpt2_dir)
     with pytest.raises(StageError, match=r"another tokenizer .*`dvc repro tokenize_sft`"):
         tokens.load(project / "tokens", other, "sft", "tokenize_sft", {})

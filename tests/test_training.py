@@ -55,6 +55,18 @@ def dropout_free_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save(model, tokenizer, tmp_path_factory.mktemp("bert-no-dropout"))
 
 
+def three_steps(batch: int, accum: int, max_tokens: int) -> dict[str, float]:
+    """Training params of 3 optimizer steps of `batch` x `accum` at a constant lr of 1e-3."""
+    return {
+        "batch_size": batch,
+        "grad_accum": accum,
+        "lr": 1e-3,
+        "max_steps": 3,
+        "warmup_ratio": 0.0,
+        "max_tokens_per_batch": max_tokens,
+    }
+
+
 def cpt_trained(
     model_dir: Path, batch: int, accum: int, out: Path, max_tokens: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -62,15 +74,7 @@ def cpt_trained(
     source = resolve_model(str(model_dir))
     tokenizer = load_tokenizer(source)
     model, fresh = cpt.load_mlm(source)
-    cfg = CptParams(
-        max_length=16,
-        batch_size=batch,
-        grad_accum=accum,
-        lr=1e-3,
-        max_steps=3,
-        warmup_ratio=0.0,
-        max_tokens_per_batch=max_tokens,
-    )
+    cfg = CptParams(max_length=16, **three_steps(batch, accum, max_tokens))
     blocks = tokens.blocks_of(CORPUS * 8, tokenizer, cfg.max_length)
     train, heldout = cpt.split_blocks(blocks, cfg.eval_fraction, seed=0)
     masking = cpt.Masking.of(tokenizer, cfg)
@@ -86,14 +90,7 @@ def sft_trained(
     """The SFT trainer's weights after 3 optimizer steps of `batch` x `accum` examples."""
     tokenizer, _ = load_chat_tokenizer(model_dir)
     model = load_causal_lm(model_dir, torch.device("cpu"))
-    cfg = SftParams(
-        batch_size=batch,
-        grad_accum=accum,
-        lr=1e-3,
-        max_steps=3,
-        warmup_ratio=0.0,
-        max_tokens_per_batch=max_tokens,
-    )
+    cfg = SftParams(**three_steps(batch, accum, max_tokens))
     train, _ = tokens.encode_all(tokenizer, sft_records(24), max_length=48)
     batches = sft.eval_batches(train[:4], 4, tokenizer.pad_token_id)
     args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train))
