@@ -69,7 +69,7 @@ def precision(fp16: str, device: torch.device) -> str | None:
 
 
 def matmul_flops(
-    device: torch.device, shape: tuple[int, int, int] = (1024, 1024, 1024), seconds: float = 1.0
+    device: torch.device, shape: tuple[int, int, int] = (1024, 1024, 1024), seconds: float = 0.05
 ) -> float:
     """Measured fp32 FLOP/s of one (m x k) @ (k x n) matmul shape on `device`."""
     m, k, n = shape
@@ -84,10 +84,9 @@ def matmul_flops(
     sync()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ b
+        a @ b
         sync()
-        runs += 10
+        runs += 1
     return 2 * m * k * n * runs / (time.perf_counter() - start)
 
 
@@ -103,17 +102,20 @@ class Peak:
         return f"{self.flops / 1e9:.0f} GFLOP/s ({m}x{k} @ {k}x{n} fp32 matmul, best measured)"
 
 
-def matmul_peak(device: torch.device, hidden: int | None, seconds: float = 0.25) -> Peak:
+def matmul_peak(device: torch.device, hidden: int | None) -> Peak:
     """The best of several runs of square GEMMs and of the model's own MLP shape (2,048 tokens
     x `hidden` @ `hidden` x 4 `hidden`): one sample of one shape can come out below what training
-    then reaches (a busy core, a cold cache), which made MFU exceed 1."""
-    shapes = [(1024, 1024, 1024), (2048, 2048, 2048)]
+    then reaches (a busy core, a cold cache), which made MFU exceed 1. The squares grow with the
+    model up to 1024 and 2048 (a tiny model's peak needs no large GEMM), so that the whole
+    measurement takes about a second."""
+    width = hidden or 2048
+    shapes = [(s, s, s) for s in (min(1024, 8 * width), min(2048, 16 * width))]
     if hidden:
         shapes.append((2048, hidden, 4 * hidden))
     best = Peak(0.0, shapes[0])
     for _ in range(3):
         for shape in shapes:
-            flops = matmul_flops(device, shape, seconds)
+            flops = matmul_flops(device, shape)
             if flops > best.flops:
                 best = Peak(flops, shape)
     return best

@@ -112,7 +112,15 @@ def test_stage_end_to_end_on_a_tiny_gpt2(
     }
     assert metrics["final"]["eval_loss"] < metrics["base"]["eval_loss"]
     speed = json.loads((tmp_path / "output/timings/sft.json").read_text())["train"]
-    assert set(speed) == {"response_tokens", "steps", "tokens", "runtime_s", "tokens_per_s", "mfu"}
+    assert set(speed) == {
+        "response_tokens",
+        "steps",
+        "tokens",
+        "runtime_s",
+        "tokens_per_s",
+        "mfu",
+        "peak",
+    }
     assert 0 < speed["response_tokens"] < speed["tokens"]
     out = tmp_path / "out"
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -282,8 +282,8 @@ def test_a_missing_or_unreadable_input_is_one_line(
 @pytest.mark.parametrize(
     ("stage", "args", "missing"),
     [
-        (cpt_stage, "--data none.txt --output o", "--data"),
-        (sft_stage, "--base none --data none --output o --samples s.md", "--base"),
+        (cpt_stage, "--tokens none --output o", "--tokens"),
+        (sft_stage, "--base none --tokens none --data none --output o --samples s.md", "--base"),
         (
             rag_stage,
             "--cpt none --sft none --data none --pretrain none --output o --predictions p.jsonl",
