@@ -171,7 +171,8 @@ class CptSftSystem:
 
     def answers(self, questions: Sequence[str], batch_size: int, k: int | None) -> list[Answer]:
         """Retrieve for every question at once, then generate `batch_size` answers at a time
-        (left-padded, greedy: the answers `ask` gives one by one)."""
+        (left-padded, greedy: the answers `ask` gives one by one). Prompts of similar length go
+        together, so that a batch pads little; the answers come back in the questions' order."""
         scores, ids = self.rank(questions, k or self.config.top_k)
         found = [hits(self.entries, s, i) for s, i in zip(scores, ids, strict=True)]
         budget, tokenizer = self.prompt_budget(), self.generator_tokenizer
@@ -179,5 +180,15 @@ class CptSftSystem:
             fitted_prompt(self.config, q, f, tokenizer, budget)
             for q, f in zip(questions, found, strict=True)
         ]
-        texts = generate(self.generator, tokenizer, prompts, self.config.max_new_tokens, batch_size)
-        return [Answer(q, t, f) for q, t, f in zip(questions, texts, found, strict=True)]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        generated = generate(
+            self.generator,
+            tokenizer,
+            [prompts[i] for i in order],
+            self.config.max_new_tokens,
+            batch_size,
+        )
+        texts = dict(zip(order, generated, strict=True))
+        return [
+            Answer(q, texts[i], f) for i, (q, f) in enumerate(zip(questions, found, strict=True))
+        ]
