@@ -36,10 +36,21 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 import yaml
+from torch.utils.data import default_collate
+from transformers import AutoModel
 
 from benchmarks.measure import ROOT, Usage, run_child
-from lmpipeline.rag.index import build_index, search
+from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
+from lmpipeline.cpt import MaskedBlocks, Masking, load_mlm, mlm_loss, split_blocks
+from lmpipeline.models import load_model, load_tokenizer, resolve_model
+from lmpipeline.params import load_params
+from lmpipeline.rag.index import build_index, embed, embed_stream, search, stream_index
+from lmpipeline.rag.knowledge import passage_chunks, stream_entries, write_entries
+from lmpipeline.sft import causal_loss, collate
+from lmpipeline.tokens import Examples, TokenRows
+from lmpipeline.tokens import load as load_tokens
 
 SOURCES = {"pretrain": "pretrain.txt", "sft": "sft.jsonl", "rag": "rag.jsonl"}
 SPLIT_KEY = {"sft": "prompt", "rag": "question"}
@@ -119,8 +130,11 @@ def tokenize(work: Path, kind: str, data: Path) -> Usage | None:
 TOKENIZED = {"pretrain": "cpt", "sft": "sft"}  # what each validated dataset is tokenized for
 
 
-def steps_of(work: Path, dataset: str, source: Path, passages: Path, label: str) -> list[Measured]:
-    """Validate `source`, then tokenize what it validated to; one row per step."""
+def steps_of(
+    work: Path, dataset: str, source: Path, passages: Path, label: str, kb: bool = True
+) -> list[Measured]:
+    """Validate `source`; tokenize what it validated and take one training step reading the
+    tokens; for pretrain (with `kb`) embed its chunks into the index. One row per step."""
     lines, mb = sum(1 for _ in source.open("rb")), source.stat().st_size / 1e6
     rows = [
         Measured(f"validate {dataset}", label, lines, mb, validate(work, dataset, source, passages))
@@ -129,9 +143,34 @@ def steps_of(work: Path, dataset: str, source: Path, passages: Path, label: str)
     tokenized = tokenize(work, kind, work / "out" / dataset) if kind else None
     if tokenized is not None:
         rows.append(Measured(f"tokenize {kind}", label, lines, mb, tokenized))
+        tokens = work / "out" / f"tokens-{kind}"
+        rows.append(
+            Measured(f"one {kind} step", label, lines, mb, child(work, "step", kind, tokens))
+        )
+        step = json.loads((work / "step.json").read_text())
+        print(
+            f"(one {kind} step {label}: {step['step_s']:.2f} s of its wall time is the step;"
+            f" {step['train_rows']:,} train rows)",
+            flush=True,
+        )
+    if dataset == "pretrain" and kb:
+        passages = work / "out" / "pretrain"
+        rows.append(Measured("kb embed + index", label, lines, mb, child(work, "kb", passages)))
+        p50 = json.loads((work / "kb.json").read_text())["retrieve_ms_p50"]
+        print(f"(kb {label}: one-question retrieval p50 {p50:.1f} ms)", flush=True)
     for r in rows:
         print(row(r), flush=True)
     return rows
+
+
+def child(work: Path, part: str, *args: object) -> Usage:
+    """`python -m benchmarks.scale --child PART ARGS...` measured; its figures in PART.json."""
+    command = [sys.executable, "-m", "benchmarks.scale", "--child", part, *map(str, args)]
+    command.append(str(work / f"{part}.json"))
+    usage = run_child(command, work, work / f"{part}.log")
+    if usage.status:
+        raise SystemExit(f"{part} {args} failed: {work / f'{part}.log'}")
+    return usage
 
 
 def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
@@ -149,7 +188,8 @@ def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
     if gigabytes:
         source = work / "pretrain-big.txt"
         build("pretrain", source, None, int(gigabytes * 1e9))
-        results += steps_of(work, "pretrain", source, passages, f"{gigabytes:g} GB")
+        # Not embedded: at ~300 chunks a second, a 1 GB corpus's 2.5 M chunks take hours.
+        results += steps_of(work, "pretrain", source, passages, f"{gigabytes:g} GB", kb=False)
         source.unlink()
     return results
 
@@ -267,6 +307,79 @@ def measure_sft_memory(work: Path) -> None:
         print(f"| {label} | {usage.peak_rss_gib:.2f} | {usage.wall_s:.0f} |", flush=True)
 
 
+# --- the children: one training step reading tokens; embedding a knowledge base ---------------
+
+
+def step_child(kind: str, tokens: Path, result: Path) -> None:
+    """One optimizer step of `kind`'s model on the first train batch, its rows read memory-mapped
+    from the token dataset at `tokens`, after what a training stage does with the whole dataset
+    before its first step (the split; for sft, every example's length)."""
+    params = load_params(ROOT / "params.yaml")
+    if kind == "cpt":
+        cfg = params.cpt
+        source = resolve_model(cfg.model)
+        tokenizer, (model, _) = load_tokenizer(source), load_mlm(source)
+        _, splits = load_tokens(
+            tokens, tokenizer, kind, "tokenize_cpt", {"max_length": cfg.max_length}
+        )
+        train, _ = split_blocks(TokenRows(splits["blocks"]), cfg.eval_fraction, params.seed)
+        rows = MaskedBlocks(train, Masking.of(tokenizer, cfg), params.seed)
+        batch, loss_fn = default_collate([rows[i] for i in range(cfg.batch_size)]), mlm_loss
+    else:
+        cfg, base = params.sft, ROOT / "output/sft_base"
+        tokenizer, _ = load_chat_tokenizer(base)
+        model = load_causal_lm(base, torch.device("cpu"))
+        _, splits = load_tokens(
+            tokens, tokenizer, kind, "tokenize_sft", {"max_length": cfg.max_length}
+        )
+        train = Examples(splits["train"])
+        lengths = train.lengths()  # what the length-grouped sampler reads of every example
+        batch = collate([train[i] for i in range(cfg.batch_size)], tokenizer.pad_token_id)
+        loss_fn = causal_loss
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    start = time.perf_counter()
+    parts = loss_fn(model, batch)
+    (parts.loss_sum / parts.predicted).backward()
+    optimizer.step()
+    figures = {"step_s": time.perf_counter() - start, "train_rows": len(train)}
+    if kind == "sft":
+        figures["longest"] = max(lengths)
+    result.write_text(json.dumps(figures))
+
+
+RETRIEVAL_QUESTIONS = 50
+
+
+def kb_child(passages: Path, result: Path) -> None:
+    """The knowledge base of the validated `passages` as the rag stage makes it: chunked, the
+    entries written to disk, then read back as a stream, embedded by the base encoder and added
+    to the `rag.index` index a window at a time. Then one question at a time, what answering
+    pays to retrieve: embed the question, search the index (p50 over RETRIEVAL_QUESTIONS)."""
+    cfg, source = (params := load_params(ROOT / "params.yaml")).rag, resolve_model(params.cpt.model)
+    encoder, tokenizer = load_model(AutoModel, source), load_tokenizer(source)
+    lines = [t for t in passages.read_text(encoding="utf-8").split("\n") if t]
+    kb = result.parent / "kb"
+    write_entries(kb, (c.entry for c in passage_chunks(lines, cfg.chunk_words, cfg.chunk_overlap)))
+    del lines
+    entries = sum(1 for _ in stream_entries(kb))
+    start = time.perf_counter()
+    texts = (e.text for e in stream_entries(kb))
+    blocks = embed_stream(encoder, tokenizer, texts, cfg.max_length, cfg.batch_size, total=entries)
+    index = stream_index(blocks, entries, cfg.index)
+    build_s = time.perf_counter() - start
+    questions = [json.loads(line)["question"] for line in (ROOT / "data/rag.jsonl").open()]
+    took = []
+    for question in questions[:RETRIEVAL_QUESTIONS]:
+        start = time.perf_counter()
+        search(index, embed(encoder, tokenizer, [question], cfg.max_length, 1), cfg.top_k)
+        took.append(time.perf_counter() - start)
+    figures = {"entries": entries, "build_s": build_s, "retrieve_ms_p50": np.median(took) * 1e3}
+    result.write_text(json.dumps(figures))
+
+
+# --- a synthetic index of millions -------------------------------------------------------------
+
 DIM = 384
 QUERIES = 200
 
@@ -309,7 +422,7 @@ def measure_index(work: Path, n: int) -> list[str]:
     rows, exact = [], None
     for kind in ("flat", "ivfpq"):
         result = work / f"index-{kind}.json"
-        command = [sys.executable, "-m", "benchmarks.scale", "--child-index", kind, str(n)]
+        command = [sys.executable, "-m", "benchmarks.scale", "--child", "index", kind, str(n)]
         usage = run_child([*command, str(result)], work, work / f"index-{kind}.log")
         if usage.status:
             raise SystemExit(f"index {kind} failed: {work / f'index-{kind}.log'}")
@@ -339,11 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=1_000_000, help="0: no index part")
     parser.add_argument("--sft-memory", action="store_true", help="SFT peak RSS with a budget")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--child-index", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child_index:
-        kind, n, result = args.child_index
-        index_child(kind, int(n), Path(result))
+    if args.child:
+        part, *rest = args.child
+        if part == "index":
+            index_child(rest[0], int(rest[1]), Path(rest[2]))
+        elif part == "step":
+            step_child(rest[0], Path(rest[1]), Path(rest[2]))
+        else:
+            kb_child(Path(rest[0]), Path(rest[1]))
         return 0
     work = Path(tempfile.mkdtemp(prefix="scale-"))
     try:

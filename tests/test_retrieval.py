@@ -7,6 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from transformers import AutoModel, AutoTokenizer
 
 from lmpipeline import metrics
 from lmpipeline.rag import index, knowledge, lexical
@@ -145,3 +146,35 @@ def test_ivfpq_compresses_and_still_finds_the_entry() -> None:
     flat = index.build_index(vectors, "flat")
     assert len(faiss.serialize_index(built)) * 5 < len(faiss.serialize_index(flat))
     assert index.pq_shape(30, 10) == (5, 1)  # 6-dim sub-vectors; 1 bit on a tiny base
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_an_index_streamed_in_blocks_is_the_index_built_at_once(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    blocks = (vectors[start : start + 700] for start in range(0, len(vectors), 700))
+    streamed = index.stream_index(blocks, len(vectors), kind)  # ivf kinds: via a disk spool
+    at_once = index.build_index(vectors, kind)
+    assert streamed.ntotal == at_once.ntotal == len(vectors)
+    found, expected = (index.search(i, vectors[:100], depth=5)[1] for i in (streamed, at_once))
+    if kind == "hnsw":  # its graph is built in parallel: the same neighbours, not the same ties
+        assert (found[:, 0] == np.arange(100)).mean() >= 0.95
+    else:
+        assert (found == expected).all()
+    with pytest.raises(ValueError, match="2999 vectors came, 3000 were announced"):
+        index.stream_index([vectors[:2999]], len(vectors), kind)
+
+
+def test_embeddings_streamed_in_small_windows_equal_those_of_one_window(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoder = AutoModel.from_pretrained(tiny_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = [" ".join(PASSAGES[: 1 + n % len(PASSAGES)]) for n in range(11)]
+    whole = index.embed(encoder, tokenizer, texts, max_length=64, batch_size=2)
+    monkeypatch.setattr(index, "WINDOW_BATCHES", 1)  # windows of 2 texts: 6 blocks
+    blocks = list(index.embed_stream(encoder, tokenizer, iter(texts), 64, batch_size=2))
+    assert [len(b) for b in blocks] == [2, 2, 2, 2, 2, 1]
+    assert np.allclose(np.concatenate(blocks), whole, atol=1e-5)
+    assert not np.allclose(whole[0], whole[1])  # the texts differ, so do their vectors

@@ -45,7 +45,7 @@ from lmpipeline.rag.cpt_sft import (
     RETRIEVER_DIR,
     CptSftSystem,
 )
-from lmpipeline.rag.index import build_index, embed, pooled, search
+from lmpipeline.rag.index import embed, embed_stream, pooled, search, stream_index
 from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, silent_on, write_entries
 from lmpipeline.rag.lexical import bm25_search
 from lmpipeline.rag.reader import GENERATOR_DIR, reader_records, teach_reader
@@ -353,14 +353,21 @@ class CptSftBackend:
     def embed_entries(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str
     ) -> Encoder:
-        """`model` with its index of every entry, and entries embedded per second."""
-        cfg, texts = self.cfg, [e.text for e in self.kb.entries]
+        """`model` with its index of every entry, and entries embedded and indexed per second."""
+        cfg, n = self.cfg, len(self.kb.entries)
         start = time.perf_counter()
-        vectors = embed(
-            model, tokenizer, texts, cfg.max_length, cfg.batch_size, f"rag: embed ({label})"
+        # Streamed: the entries' tokens and vectors go to the index a window at a time.
+        blocks = embed_stream(
+            model,
+            tokenizer,
+            (e.text for e in self.kb.entries),
+            cfg.max_length,
+            cfg.batch_size,
+            f"rag: embed ({label})",
+            n,
         )
-        per_s = len(texts) / (time.perf_counter() - start)
-        return Encoder(model, tokenizer, build_index(vectors, cfg.index), per_s)
+        index = stream_index(blocks, n, cfg.index)
+        return Encoder(model, tokenizer, index, n / (time.perf_counter() - start))
 
     def dense_ranks(
         self, encoder: Encoder, questions: Sequence[str], depth: int | None = None

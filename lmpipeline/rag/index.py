@@ -3,7 +3,10 @@ with BM25 (`lmpipeline.rag.lexical`) for the hybrid retriever."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import bm25s
 import faiss
@@ -33,7 +36,51 @@ def pooled(encoder: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor
     return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0), dim=-1)
 
 
+WINDOW_BATCHES = 64  # batches sorted by length together: little padding, bounded memory
+
+
+def windows(texts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """`texts` in consecutive lists of `size` (the last shorter), read as they come."""
+    it = iter(texts)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
 @torch.no_grad()
+def embed_stream(
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_length: int,
+    batch_size: int,
+    desc: str | None = None,
+    total: int | None = None,
+    pool: Pooling = pooled,
+) -> Iterator[np.ndarray]:
+    """Embeddings of `texts` in their order, one float32 block per window of WINDOW_BATCHES
+    batches: only a window's texts and one batch's tokens are held, however many texts come.
+    Within a window the batches are formed by length, so that little is padding."""
+    encoder.eval()
+    bar = tqdm(total=total, desc=desc, disable=desc is None)
+    for window in windows(texts, batch_size * WINDOW_BATCHES):
+        order = sorted(range(len(window)), key=lambda i: len(window[i]))
+        vectors = []
+        for start in range(0, len(order), batch_size):
+            batch = tokenizer(
+                [window[i] for i in order[start : start + batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(encoder.device)
+            vectors.append(pool(encoder, batch["input_ids"], batch["attention_mask"]).float().cpu())
+            bar.update(len(batch["input_ids"]))
+        block = np.empty((len(window), vectors[0].shape[1]), dtype=np.float32)
+        block[order] = torch.cat(vectors).numpy()
+        yield block
+    bar.close()
+
+
 def embed(
     encoder: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -43,56 +90,88 @@ def embed(
     desc: str | None = None,
     pool: Pooling = pooled,
 ) -> np.ndarray:
-    """(len(texts), dim) float32 embeddings, batched by length so that little is padding."""
-    encoder.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    vectors = []
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
-        batch = tokenizer(
-            [texts[i] for i in order[start : start + batch_size]],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(encoder.device)
-        vectors.append(pool(encoder, batch["input_ids"], batch["attention_mask"]).float().cpu())
-    if not vectors:
+    """(len(texts), dim) float32 embeddings of texts held in memory."""
+    blocks = list(
+        embed_stream(encoder, tokenizer, texts, max_length, batch_size, desc, len(texts), pool)
+    )
+    if not blocks:
         return np.zeros((0, encoder.config.hidden_size), dtype=np.float32)
-    out = np.empty((len(texts), vectors[0].shape[1]), dtype=np.float32)
-    out[order] = torch.cat(vectors).numpy()
-    return out
+    return np.concatenate(blocks)
 
 
 # --- vector index ------------------------------------------------------------------------------
 
 
-def build_index(vectors: np.ndarray, kind: str) -> faiss.Index:
+ADD_ROWS = 65_536  # vectors added to an index at a time (a block of a memory-mapped spool)
+
+
+def empty_index(kind: str, dim: int, n: int) -> faiss.Index:
     """Inner-product index over normalized vectors: exact (flat) or approximate (hnsw, ivf,
-    ivfpq), its size-dependent settings chosen from the number of vectors."""
-    dim = vectors.shape[1]
+    ivfpq), its size-dependent settings chosen from the number of vectors `n`."""
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+    # ~4 sqrt(n) lists (FAISS's guideline), each trained on >= 39 points; a quarter probed
+    # for ivf (recall over speed), 1/16 for ivfpq (the lists of a large base are long).
+    lists = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
     else:
-        # ~4 sqrt(n) lists (FAISS's guideline), each trained on >= 39 points; a quarter probed
-        # for ivf (recall over speed), 1/16 for ivfpq (the lists of a large base are long).
-        lists = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
-        quantizer = faiss.IndexFlatIP(dim)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-        else:
-            m, bits = pq_shape(dim, len(vectors))
-            index = faiss.IndexIVFPQ(quantizer, dim, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
+        m, bits = pq_shape(dim, n)
+        index = faiss.IndexIVFPQ(quantizer, dim, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = max(1, lists // (4 if kind == "ivf" else 16))
+    return index
+
+
+def build_index(vectors: np.ndarray, kind: str) -> faiss.Index:
+    """A `kind` index (see `empty_index`) of `vectors`, in memory or memory-mapped: trained
+    (the ivf kinds) on a sample, then filled a block at a time."""
+    index = empty_index(kind, vectors.shape[1], len(vectors))
+    if not index.is_trained:
         # k-means on at most 64 points a list (FAISS itself warns below 39 and samples above
         # 256): a seeded sample keeps training a base of millions to minutes.
-        sample = min(len(vectors), 64 * lists)
+        sample = min(len(vectors), 64 * index.nlist)
         rows = np.random.default_rng(0).choice(len(vectors), sample, replace=False)
-        index.train(vectors[np.sort(rows)] if sample < len(vectors) else vectors)
-        index.nprobe = max(1, lists // (4 if kind == "ivf" else 16))
-    index.add(vectors)
+        index.train(
+            np.ascontiguousarray(vectors[np.sort(rows)] if sample < len(vectors) else vectors)
+        )
+    for start in range(0, len(vectors), ADD_ROWS):
+        index.add(np.ascontiguousarray(vectors[start : start + ADD_ROWS]))
     return index
+
+
+def stream_index(blocks: Iterable[np.ndarray], n: int, kind: str) -> faiss.Index:
+    """`build_index` over `n` vectors arriving in blocks (from `embed_stream`). Flat and hnsw
+    take each block as it comes; the ivf kinds must see a sample of all before the first add,
+    so the blocks are spooled to a memory-mapped file on disk, not held."""
+    blocks = iter(blocks)
+    first = next(blocks, None)
+    if first is None:
+        raise ValueError("no vectors to index")
+    index = empty_index(kind, first.shape[1], n)
+    if index.is_trained:
+        for block in itertools.chain([first], blocks):
+            index.add(block)
+        if index.ntotal != n:
+            raise ValueError(f"{index.ntotal} vectors came, {n} were announced")
+        return index
+    with tempfile.TemporaryDirectory(prefix="lmpipeline-index-") as spool:
+        vectors = np.lib.format.open_memmap(
+            Path(spool) / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, first.shape[1])
+        )
+        at = 0
+        for block in itertools.chain([first], blocks):
+            vectors[at : at + len(block)] = block
+            at += len(block)
+        if at != n:
+            raise ValueError(f"{at} vectors came, {n} were announced")
+        index = build_index(vectors, kind)
+        del vectors  # unmapped before its directory goes
+        return index
 
 
 def pq_shape(dim: int, n: int) -> tuple[int, int]:

@@ -21,8 +21,9 @@ A question's gold entries are the chunks that state its answer, decided from the
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import bm25s
 
-from lmpipeline.data import read_jsonl, write_jsonl
+from lmpipeline.data import write_jsonl
 from lmpipeline.errors import StageError
 from lmpipeline.metrics import content_words, normalize_answer, support
 from lmpipeline.rag.lexical import bm25_search, build_bm25
@@ -221,5 +222,14 @@ def write_entries(directory: Path, entries: Iterable[Entry]) -> None:
     write_jsonl(directory / PASSAGES_FILE, (asdict(e) for e in entries))
 
 
+def stream_entries(directory: Path) -> Iterator[Entry]:
+    """The entries `write_entries` wrote, read one line at a time (a base of millions)."""
+    with (directory / PASSAGES_FILE).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                yield Entry(record["id"], record["text"])
+
+
 def read_entries(directory: Path) -> list[Entry]:
-    return [Entry(r["id"], r["text"]) for r in read_jsonl(directory / PASSAGES_FILE)]
+    return list(stream_entries(directory))
