@@ -1,12 +1,13 @@
-"""Measuring one child process: its wall time, peak resident memory (from wait4's rusage), and how
-much of the machine other processes took meanwhile, which makes a speed measured on a busy
-machine visible as such."""
+"""Measuring one child process: its wall time, peak resident memory (from wait4's rusage), its
+peak anonymous memory (sampled), and how much of the machine other processes took meanwhile,
+which makes a speed measured on a busy machine visible as such."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,64 @@ class Usage:
     wall_s: float
     peak_rss_gib: float
     other_cpu: float | None  # share of all CPUs busy with other work meanwhile (None: unknown)
+    # The most anonymous memory (heap, not pages of memory-mapped files) the child and its
+    # descendants held at once, sampled every SAMPLE_S; None where /proc cannot tell.
+    peak_anon_gib: float | None = None
+
+
+SAMPLE_S = 0.2
+
+
+def children_of() -> dict[int, list[int]]:
+    """Every process's children, from /proc/*/stat (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def anon_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_anon_kib(root: int) -> int:
+    """RssAnon summed over `root` and its descendants, now."""
+    children, tree, total = children_of(), [root], 0
+    while tree:
+        pid = tree.pop()
+        total += anon_kib(pid)
+        tree += children.get(pid, [])
+    return total
+
+
+class AnonPeak(threading.Thread):
+    """Samples the anonymous memory of a process tree until `stop` is set.
+
+    ru_maxrss counts the pages of memory-mapped files a process has read (Arrow datasets): they
+    are page cache the kernel takes back under pressure, so they say little of what the process
+    needs. RssAnon is what it cannot give back."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        if not Path(f"/proc/{self.pid}/status").is_file():
+            self.peak_kib = -1  # no /proc: unknown
+            return
+        while not self.stop.wait(SAMPLE_S):
+            self.peak_kib = max(self.peak_kib, tree_anon_kib(self.pid))
 
 
 def child_env() -> dict[str, str]:
@@ -52,7 +111,11 @@ def run_child(command: Sequence[str], cwd: Path, log: Path) -> Usage:
         proc = subprocess.Popen(
             command, cwd=cwd, env=child_env(), stdout=out, stderr=subprocess.STDOUT
         )
+        sampler = AnonPeak(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        sampler.stop.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     wall, busy_after = time.perf_counter() - start, busy_cpu_seconds()
     other = None
@@ -62,4 +125,5 @@ def run_child(command: Sequence[str], cwd: Path, log: Path) -> Usage:
     if proc.returncode:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         print(f"FAILED ({proc.returncode}): {' '.join(command)}\n{tail}\n", file=sys.stderr)
-    return Usage(proc.returncode, wall, usage.ru_maxrss / 2**20, other)  # maxrss in KiB (Linux)
+    anon = None if sampler.peak_kib < 0 else sampler.peak_kib / 2**20
+    return Usage(proc.returncode, wall, usage.ru_maxrss / 2**20, other, anon)  # KiB (Linux)

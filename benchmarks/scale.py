@@ -1,14 +1,18 @@
-"""How the data-bound steps grow with the data: wall time and peak resident memory of validating
-each dataset on N-fold copies of the default data, and a 1 GB `pretrain.txt`.
+"""How the data-bound steps grow with the data: wall time and memory of validating each dataset,
+tokenizing it, one training step reading its tokens and (pretrain) embedding its knowledge base
+into the index, on N-fold copies of the default data and a 1 GB `pretrain.txt`.
 
-Each run is the real stage (`python -m stages.validate ...`) in a child process, measured by
-`benchmarks.measure.run_child` (wall time, peak RSS from wait4's rusage, the share of the CPUs
-other processes took meanwhile). The copies are distinct: copy k of a passage, prompt or question
-ends with " (copy k)", so deduplication keeps every one and the checks across lines see N times
-the records. The RAG questions are always checked against the 1x validated passages (the corpus
-they are about), so their gold rule costs the same per question at every N.
+Each run is the real stage (`python -m stages.validate ...`) or a child of this script, measured
+by `benchmarks.measure.run_child`: wall time; peak RSS from wait4's rusage; peak anonymous memory
+sampled from /proc (RSS also counts the pages of memory-mapped Arrow files that were read, which
+the kernel takes back under pressure: anonymous memory is what a step cannot give back); and the
+share of the CPUs other processes took meanwhile. The copies are distinct: copy k of a passage,
+prompt or question ends with " (copy k)", so deduplication keeps every one and the checks across
+lines see N times the records. The RAG questions are always checked against the 1x validated
+passages (the corpus they are about), so their gold rule costs the same per question at every N.
 
-    python -m benchmarks.scale [--folds 1 10 100] [--gigabytes 1] [--entries 1000000] [--keep]
+    python -m benchmarks.scale [--folds 1 10 100] [--gigabytes 1] [--entries 1000000] [--no-kb]
+                               [--sft-memory] [--keep]
 
 The index part builds FAISS indexes over a synthetic knowledge base of `--entries` random unit
 vectors of 384 dimensions (the bundled encoder's), each kind in a child process: build time,
@@ -38,6 +42,7 @@ import faiss
 import numpy as np
 import torch
 import yaml
+from datasets import load_from_disk
 from torch.utils.data import default_collate
 from transformers import AutoModel
 
@@ -173,7 +178,7 @@ def child(work: Path, part: str, *args: object) -> Usage:
     return usage
 
 
-def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
+def measure(work: Path, folds: list[int], gigabytes: float, kb: bool) -> list[Measured]:
     passages = work / "passages.txt"  # the 1x validated passages, for the RAG golds
     build("pretrain", work / "pretrain-1.txt", 1)
     validate(work, "pretrain", work / "pretrain-1.txt", passages)
@@ -183,7 +188,7 @@ def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
         for n in folds:
             source = work / f"{dataset}-{n}.{SOURCES[dataset].split('.')[1]}"
             build(dataset, source, n)
-            results += steps_of(work, dataset, source, passages, f"{n}x")
+            results += steps_of(work, dataset, source, passages, f"{n}x", kb)
             source.unlink()
     if gigabytes:
         source = work / "pretrain-big.txt"
@@ -195,16 +200,21 @@ def measure(work: Path, folds: list[int], gigabytes: float) -> list[Measured]:
 
 
 HEADER = (
-    "| step | size | lines | MB | wall s | µs/line | peak RSS GiB | other CPU |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|"
+    "| step | size | lines | MB | wall s | µs/line | peak RSS GiB | peak anon GiB | other CPU |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 )
+
+
+def gib(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def row(m: Measured) -> str:
     other = "?" if m.usage.other_cpu is None else f"{m.usage.other_cpu:.0%}"
     return (
         f"| {m.step} | {m.label} | {m.lines:,} | {m.megabytes:,.1f} | {m.usage.wall_s:.1f}"
-        f" | {m.usage.wall_s / m.lines * 1e6:.0f} | {m.usage.peak_rss_gib:.2f} | {other} |"
+        f" | {m.usage.wall_s / m.lines * 1e6:.0f} | {m.usage.peak_rss_gib:.2f}"
+        f" | {gib(m.usage.peak_anon_gib)} | {other} |"
     )
 
 
@@ -220,12 +230,18 @@ def slopes(results: list[Measured]) -> list[str]:
                 f"{step}: {b.label} vs {a.label}: {b.lines / a.lines:.1f}x the lines,"
                 f" {b.usage.wall_s / a.usage.wall_s:.1f}x the time ({added:.0f} µs per added"
                 f" line), {b.usage.peak_rss_gib / a.usage.peak_rss_gib:.2f}x the peak RSS"
+                + (
+                    f", {b.usage.peak_anon_gib / a.usage.peak_anon_gib:.2f}x the peak anon"
+                    if a.usage.peak_anon_gib and b.usage.peak_anon_gib
+                    else ""
+                )
             )
     return out
 
 
 # --- SFT memory with and without a token budget ------------------------------------------------
 
+# Four steps (the same for every run; an epoch of the longer data takes 10 minutes), no generation.
 SFT_STEPS = {"max_steps": 4, "eval_steps": 100, "save_steps": 100, "max_new_tokens": 1}
 
 
@@ -285,26 +301,35 @@ def sft_peak(work: Path, name: str, data: Path, overrides: dict) -> Usage:
 
 
 def measure_sft_memory(work: Path) -> None:
-    """Peak RSS of the sft stage on the default data, and on responses 4 times as long (at
-    4 x `sft.max_length`), without and with a token budget of the default data's batch."""
+    """Peak memory of 4 steps of the sft stage on the default data, and on responses 4 times
+    as long (at 4 x `sft.max_length`), without and with a token budget: the padded tokens of
+    the default data's largest batch (batch_size x its longest example), the most a default
+    epoch holds at once."""
     if not (ROOT / "output/sft_base/config.json").is_file():
         print("sft memory: needs output/sft_base (dvc repro sft_base); skipped")
         return
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["sft"]
-    long_length, budget = 4 * cfg["max_length"], cfg["batch_size"] * cfg["max_length"]
+    long_length = 4 * cfg["max_length"]
+    default = sft_peak(work, "sft-0", ROOT / "data/sft.jsonl", {})
+    longest = max(load_from_disk(str(work / "sft-0" / "tokens" / "train"))["length"])
+    budget = cfg["batch_size"] * longest
     runs = [
-        ("default data", ROOT / "data/sft.jsonl", {}),
-        ("4x longer responses", longer(work, 4), {"max_length": long_length}),
+        ("4x longer responses", {"max_length": long_length}),
         (
-            f"4x longer, max_tokens_per_batch {budget}",
-            longer(work, 4),
+            f"4x longer, max_tokens_per_batch {budget} ({cfg['batch_size']} x {longest})",
             {"max_length": long_length, "max_tokens_per_batch": budget},
         ),
     ]
-    print("| sft run (4 steps) | peak RSS GiB | wall s |\n|---|---:|---:|")
-    for n, (label, data, overrides) in enumerate(runs):
-        usage = sft_peak(work, f"sft-{n}", data, overrides)
-        print(f"| {label} | {usage.peak_rss_gib:.2f} | {usage.wall_s:.0f} |", flush=True)
+    print("| sft run (4 steps) | peak RSS GiB | peak anon GiB | wall s |\n|---|---:|---:|---:|")
+    print(sft_row("default data", default))
+    for n, (label, overrides) in enumerate(runs, start=1):
+        print(sft_row(label, sft_peak(work, f"sft-{n}", longer(work, 4), overrides)), flush=True)
+
+
+def sft_row(label: str, usage: Usage) -> str:
+    return (
+        f"| {label} | {usage.peak_rss_gib:.2f} | {gib(usage.peak_anon_gib)} | {usage.wall_s:.0f} |"
+    )
 
 
 # --- the children: one training step reading tokens; embedding a knowledge base ---------------
@@ -432,6 +457,7 @@ def measure_index(work: Path, n: int) -> list[str]:
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
         rows.append(
             f"| {kind} | {n:,} | {figures['build_s']:.1f} | {usage.peak_rss_gib:.2f}"
+            f" | {gib(usage.peak_anon_gib)}"
             f" | {figures['index_mb']:,.0f} | {figures['search_ms_p50']:.2f}"
             f" | {figures['source_found']:.3f} | {recall:.3f} |"
         )
@@ -440,8 +466,9 @@ def measure_index(work: Path, n: int) -> list[str]:
 
 
 INDEX_HEADER = (
-    "| index | entries | build s | peak RSS GiB | index MB | search p50 ms (1 query)"
-    " | source in top 10 | top 10 shared with flat |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    "| index | entries | build s | peak RSS GiB | peak anon GiB | index MB"
+    " | search p50 ms (1 query) | source in top 10 | top 10 shared with flat |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -451,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gigabytes", type=float, default=1.0, help="0: no big pretrain file")
     parser.add_argument("--entries", type=int, default=1_000_000, help="0: no index part")
     parser.add_argument("--sft-memory", action="store_true", help="SFT peak RSS with a budget")
+    parser.add_argument("--no-kb", action="store_true", help="no knowledge-base embedding")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -467,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.folds or args.gigabytes:
             print(HEADER, flush=True)
-            results = measure(work, args.folds, args.gigabytes)
+            results = measure(work, args.folds, args.gigabytes, not args.no_kb)
             print()
             print("\n".join(slopes(results)))
         if args.entries:

@@ -119,6 +119,15 @@ def budget_of(cfg: BudgetedParams, shifted: bool) -> TokenBudget | None:
     return TokenBudget(cfg.max_tokens_per_batch, shifted) if cfg.max_tokens_per_batch else None
 
 
+def within_budget(
+    batches: list[dict[str, torch.Tensor]], budget: TokenBudget | None
+) -> list[dict[str, torch.Tensor]]:
+    """Fixed held-out batches split as training splits its micro-batches, so that scoring long
+    examples holds no more than a training step does. The scores are sums over tokens: the
+    same, whatever the split."""
+    return [chunk for batch in batches for chunk in budget.split(batch)] if budget else batches
+
+
 class StageTrainer(Trainer):
     """Trainer with the stage's loss, evaluation and sampler, counting tokens and step time."""
 

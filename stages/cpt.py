@@ -32,11 +32,13 @@ from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 from lmpipeline.tokens import TokenRows
 from lmpipeline.tokens import load as load_tokens
 from lmpipeline.training import (
+    budget_of,
     checkpoint_dir,
     describe,
     throughput,
     train_resumable,
     training_args,
+    within_budget,
     write_curves,
 )
 
@@ -67,7 +69,9 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
     meta, splits = load_tokens(paths.tokens, tokenizer, "cpt", "tokenize_cpt", expected)
     train, heldout = split_blocks(TokenRows(splits["blocks"]), cfg.eval_fraction, seed)
     masking = Masking.of(tokenizer, cfg)
-    eval_batches = fixed_eval_batches(heldout, masking, cfg.batch_size, seed)
+    eval_batches = within_budget(
+        fixed_eval_batches(heldout, masking, cfg.batch_size, seed), budget_of(cfg, shifted=False)
+    )
     print(
         f"cpt: {cfg.model}: {len(train)} train / {len(heldout)} eval blocks"
         f" of {cfg.max_length} tokens on {device} ({mode or 'fp32'})"

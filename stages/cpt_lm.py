@@ -35,6 +35,7 @@ from lmpipeline.training import (
     throughput,
     train_resumable,
     training_args,
+    within_budget,
     write_curves,
 )
 
@@ -66,7 +67,8 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     expected = {"max_length": cfg.max_length}
     meta, splits = load_tokens(paths.tokens, tokenizer, "cpt_lm", "tokenize_cpt_lm", expected)
     train, held_out = split_blocks(TokenRows(splits["blocks"]), cfg, seed)
-    batches = eval_batches(held_out, cfg.batch_size)
+    budget = budget_of(cfg, shifted=True)
+    batches = within_budget(eval_batches(held_out, cfg.batch_size), budget)
     print(
         f"cpt_lm: {paths.base}: {len(train)} train / {len(held_out)} held-out blocks of"
         f" {cfg.max_length} tokens on {device} ({mode or 'fp32'})"
@@ -81,7 +83,7 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
     checkpoints = checkpoint_dir("cpt_lm", *config, meta["source"], params.sft.model)
     args = training_args(cfg, seed, device, mode, checkpoints, len(train), params.launch)
-    trainer = make_trainer(model, args, train, batches, budget_of(cfg, shifted=True))
+    trainer = make_trainer(model, args, train, batches, budget)
     model = train_resumable(trainer, "cpt_lm")
     if not is_main_process():
         return None

@@ -41,6 +41,7 @@ from lmpipeline.training import (
     throughput,
     train_resumable,
     training_args,
+    within_budget,
     write_curves,
 )
 
@@ -78,7 +79,8 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
     held_out_rows = Examples(splits["eval"])  # scored as fixed batches: read once, into memory
     held_out = [held_out_rows[i] for i in range(len(held_out_rows))]
     eval_records = read_jsonl(paths.data / "eval.jsonl")
-    batches = eval_batches(held_out, cfg.batch_size, tokenizer.pad_token_id)
+    budget = budget_of(cfg, shifted=True)
+    batches = within_budget(eval_batches(held_out, cfg.batch_size, tokenizer.pad_token_id), budget)
     print(
         f"sft: {paths.base} with the {template}: {len(train)} train / {len(held_out)} eval"
         f" examples, {truncated} truncated to {cfg.max_length} tokens; {device} ({mode or 'fp32'})"
@@ -93,7 +95,6 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
     checkpoints = checkpoint_dir("sft", *config, meta["source"][0])  # train.jsonl's digest
     args = training_args(cfg, seed, device, mode, checkpoints, len(train), params.launch)
-    budget = budget_of(cfg, shifted=True)
     trainer = make_trainer(model, args, train, batches, tokenizer.pad_token_id, budget)
     model = train_resumable(trainer, "sft")
     if not main_process:

@@ -161,6 +161,21 @@ def test_a_budget_cuts_rows_not_tokens() -> None:
     assert training.TokenBudget(3, shifted=False).split(inputs)[0]["input_ids"].shape == (1, 4)
 
 
+def test_held_out_batches_within_a_budget_score_as_the_whole_batches(tiny_llama_dir: Path) -> None:
+    model = load_causal_lm(tiny_llama_dir, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (6, 12), generator=generator)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
+    budget = training.TokenBudget(max_tokens=24, shifted=True)  # 2 rows of 12 a forward pass
+    chunks = training.within_budget(batches, budget)
+    assert [len(c["input_ids"]) for c in chunks] == [2, 2, 2]
+    whole = training.score(sft.causal_loss, model, batches)
+    assert training.score(sft.causal_loss, model, chunks) == pytest.approx(whole, rel=1e-6)
+    assert training.within_budget(batches, None) is batches  # no budget: untouched
+
+
 def test_mfu_is_never_above_one_and_names_its_peak(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
