@@ -1,8 +1,9 @@
 """Random-weight models built from configs and saved as Hugging Face directories: the tests' tiny
 models (2 layers, hidden 32) and their word-level tokenizers, a tiny untrained RAG system laid out
 as the `rag` stage saves one (what the server's tests and `benchmarks/serve_load.py --tiny` serve),
-and the benchmarks' full-size stand-ins of the original spec's models (bert-base-uncased, gpt2,
-facebook/rag-sequence-nq), which cannot be downloaded here.
+the benchmarks' full-size stand-ins of the original spec's models (bert-base-uncased, gpt2,
+facebook/rag-sequence-nq), which cannot be downloaded here, and the headless browser that looks at
+the playground.
 
 No stage imports this module.
 """
@@ -10,8 +11,10 @@ No stage imports this module.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import faiss
 import torch
@@ -41,6 +44,9 @@ from lmpipeline.rag.index import build_index, embed
 from lmpipeline.rag.knowledge import Entry, write_entries
 from lmpipeline.rag.lexical import build_bm25
 from lmpipeline.rag.system import INDEX_FILE, SystemConfig
+
+if TYPE_CHECKING:
+    from selenium.webdriver import Chrome
 
 CORPUS = [
     "the model learns to predict masked tokens from context",
@@ -220,3 +226,70 @@ def tiny_system(root: Path, encoder: Path, generator: Path) -> Path:
         **TINY_SYSTEM,
     ).write(rag)
     return rag
+
+
+# --- the playground in a headless browser ------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's
+# Headless chromium as root on a machine without network: no sandbox (root), and nothing that
+# would reach out (updates, sync, QUIC probes) and wait for a network that is not there.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1100",
+]
+ANSWERED = ("done", "error")  # the data-state of a playground answer that has ended
+
+
+def missing_browser() -> str | None:
+    """Why the playground cannot be looked at here, or None if it can."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        return f"no {' or '.join(missing)}: apt-get install chromium chromium-driver"
+    return None
+
+
+@contextmanager
+def chromium(profile: Path) -> Iterator[Chrome]:
+    """Headless chromium driven by Selenium with a new empty profile in `profile`. The binaries
+    are named, so Selenium Manager never looks for (downloads) a browser or a driver."""
+    # Imported here: only the browser checks need selenium, and every test imports this module.
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options, Service(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def ask_in_playground(
+    driver: Chrome, url: str, question: str, api_key: str | None = None, timeout: float = 30
+) -> None:
+    """Open the playground at `url`, ask `question` (with `api_key` in its key field) and wait
+    until both answers, closed-book and with passages, have ended."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    if api_key is not None:
+        driver.find_element(By.ID, "api-key").send_keys(api_key)
+    driver.find_element(By.ID, "question").send_keys(question)
+    driver.find_element(By.ID, "ask").click()
+
+    def answered(d: Chrome) -> bool:
+        answers = d.find_elements(By.CSS_SELECTOR, "[data-testid=answer]")
+        return len(answers) == 2 and all(a.get_attribute("data-state") in ANSWERED for a in answers)
+
+    WebDriverWait(driver, timeout).until(answered)
