@@ -4,7 +4,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC stage commands call `python`; run them with the project's environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro smoke test test-slow lint docs
+.PHONY: setup repro smoke test test-slow lint docs serve
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ repro: setup
 # The whole pipeline with tiny step counts in a throw-away copy: checks an install in minutes.
 smoke: setup
 	python -m lmpipeline.smoke
+
+# The trained system over HTTP: the playground at http://127.0.0.1:$(PORT)/, the API under /v1.
+PORT ?= 8000
+serve: setup
+	python -m lmpipeline.serve --port $(PORT)
 
 # Everything but the checks marked slow (under 10 minutes on 2 cores); CI runs both targets.
 test: setup

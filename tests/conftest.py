@@ -12,34 +12,26 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
 
 import pytest
-from transformers import (
-    BartConfig,
-    BertConfig,
-    BertForMaskedLM,
-    DPRContextEncoder,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import BartConfig, DPRContextEncoder, GPT2Config, GPT2LMHeadModel
 
-from lmpipeline.testing import TINY_ENCODER, random_model, random_rag_sequence, save, save_rag
-from tests.helpers import (
-    bart_tokenizer,
-    dpr_config,
+from lmpipeline.testing import (
+    random_model,
+    random_rag_sequence,
+    save,
+    save_rag,
+    tiny_bert,
+    tiny_llama,
     vocab_size,
     word_level_tokenizer,
     wordpiece_tokenizer,
 )
+from tests.helpers import bart_tokenizer, dpr_config
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BertForMaskedLM saved as a Hugging Face directory."""
-    tokenizer = wordpiece_tokenizer()
-    config = BertConfig(vocab_size=vocab_size(tokenizer), **TINY_ENCODER)
-    model = random_model(BertForMaskedLM, config)
-    return save(model, tokenizer, tmp_path_factory.mktemp("tiny-bert"))
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
@@ -56,21 +48,7 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 LlamaForCausalLM with a ChatML chat template, like SmolLM2."""
-    tokenizer = word_level_tokenizer(chat=True)
-    config = LlamaConfig(
-        vocab_size=vocab_size(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = random_model(LlamaForCausalLM, config)
-    return save(model, tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""What several test modules share: tiny tokenizers built from a corpus, tiny projects for the
-stages, and a crash in the middle of training. The tiny models themselves are fixtures
-(conftest.py), built with `lmpipeline.testing`, as the benchmarks build theirs."""
+"""What several test modules share: a BART-like tokenizer, tiny projects for the stages, and a
+crash in the middle of training. The tiny models and the other tokenizers are built with
+`lmpipeline.testing` (conftest.py makes the models fixtures), as the benchmarks build theirs."""
 
 from __future__ import annotations
 
@@ -21,81 +21,15 @@ from lmpipeline import training
 from lmpipeline.data import write_jsonl
 from lmpipeline.params import RagParams
 from lmpipeline.rag import knowledge
-from lmpipeline.testing import TINY_ENCODER
+from lmpipeline.testing import CORPUS, TINY_ENCODER, vocab_size, word_vocab
 from stages import rag, sft
 from stages import tokenize as tokenize_stage
 
-CORPUS = [
-    "the model learns to predict masked tokens from context",
-    "a retriever finds passages and the generator answers the question",
-    "fine tuning on prompt and response pairs teaches the assistant style",
-]
 PASSAGES = [
     "the model learns to predict masked tokens from context",
     "a retriever finds passages and the generator answers the question. "
     "Fine tuning teaches the assistant style",
 ]
-
-
-def word_vocab(specials: list[str]) -> dict[str, int]:
-    words = sorted({w for line in CORPUS for w in line.split()})
-    return {tok: i for i, tok in enumerate(specials + words)}
-
-
-def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    """An uncased WordPiece tokenizer with BERT's special tokens."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(word_vocab(specials), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
-CHAT_WORDS = ["human", "assistant", "user", "system", ":", "?", "."]
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-    " + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def word_level_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    """A GPT-2-like tokenizer (no chat template, one end-of-text token), or with `chat` a
-    SmolLM2-like one: ChatML special tokens and template, <|im_end|> as end of turn."""
-    specials = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = word_vocab(specials)
-    vocab.update({w: len(vocab) + i for i, w in enumerate(CHAT_WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if not chat:
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            eos_token="<|endoftext|>",
-            bos_token="<|endoftext|>",
-            unk_token="<unk>",
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-def vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
-    # len() of a word-level tokenizer can undercount its ids; the embedding must cover them all.
-    return max(tokenizer.get_vocab().values()) + 1
 
 
 class Crash(Exception):

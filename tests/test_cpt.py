@@ -20,8 +20,9 @@ from transformers import (
 from lmpipeline import cpt, tokens
 from lmpipeline.models import resolve_model
 from lmpipeline.params import CptParams
+from lmpipeline.testing import CORPUS, wordpiece_tokenizer
 from stages import cpt as cpt_stage
-from tests.helpers import CORPUS, crash_at_step, tokenized, wordpiece_tokenizer
+from tests.helpers import crash_at_step, tokenized
 
 MASK_ID, VOCAB = 4, 1000
 SPECIALS = (0, 1, 2, 3, 4)

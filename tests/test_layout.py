@@ -69,7 +69,7 @@ def test_package_inits_hold_only_their_docstring() -> None:
 # The layers, bottom first: a module imports only from its own layer or the ones below it.
 LAYERS = [
     ["errors", "params", "data", "runtime", "metrics"],
-    ["models", "chat", "stage", "report", "docs", "smoke", "testing", "tokens"],
+    ["models", "chat", "stage", "report", "docs", "smoke", "tokens"],
     [
         "rag.lexical",
         "rag.knowledge",
@@ -78,11 +78,14 @@ LAYERS = [
         "rag.cpt_sft",
         "rag.rag_sequence",
         "rag.ask",
+        "testing",  # the tests' tiny models and a tiny built system
     ],
     ["training"],
     ["cpt", "cpt_lm", "sft", "validation"],
     ["rag.evaluation", "rag.reader", "rag.backend", "rag.cpt_sft_train", "rag.rag_sequence_train"],
     ["launch"],
+    # rag-serve: on top, and like rag.ask it imports no training code (tested below)
+    ["serve.engine", "serve.schema", "serve.app", "serve.cli", "serve.__main__"],
 ]
 LAYER = {f"lmpipeline.{name}": n for n, names in enumerate(LAYERS) for name in names}
 
@@ -118,17 +121,26 @@ def loaded_by(statement: str) -> set[str]:
     return set(run.stdout.split())
 
 
+def assert_no_training_code(modules: set[str]) -> None:
+    build_time = {"lmpipeline.training", "lmpipeline.rag.backend", "lmpipeline.stage"}
+    assert not modules & build_time, modules & build_time
+    assert not {m for m in modules if m.endswith("_train")}
+
+
 def test_answering_imports_no_training_code() -> None:
     """rag-ask (and what serves answers later) loads a system without the training stack:
     statically no training module of ours; at run time no Trainer, no dvclive, and nothing of
     FSDP beyond what transformers' model loading imports for everyone."""
-    answering = closure("lmpipeline.rag.ask")
-    build_time = {"lmpipeline.training", "lmpipeline.rag.backend", "lmpipeline.stage"}
-    assert not answering & build_time, answering & build_time
-    assert not {m for m in answering if m.endswith("_train")}
+    assert_no_training_code(closure("lmpipeline.rag.ask"))
     extra = loaded_by("import lmpipeline.rag.ask") - loaded_by(MODEL_LOADING)
     training = {m for m in extra for s in TRAINING_STACK if m == s or m.startswith(s + ".")}
     assert not training, training
+
+
+def test_serving_imports_no_training_code() -> None:
+    """rag-serve answers as rag-ask does: at run time it loads rag-ask's modules and the web
+    server's, so the check of our own code is enough."""
+    assert_no_training_code(closure("lmpipeline.serve.cli"))
 
 
 def stage_commands() -> dict[str, tuple[str, list[str]]]:

@@ -19,15 +19,9 @@ from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation, rea
 from lmpipeline.rag.index import pooled
 from lmpipeline.rag.knowledge import Entry, Questions
 from lmpipeline.rag.system import Hit, SystemConfig
+from lmpipeline.testing import word_level_tokenizer
 from lmpipeline.training import train_resumable
-from tests.helpers import (
-    NOT_IN_CORPUS,
-    PASSAGES,
-    build_rag,
-    crash_at_step,
-    tiny_rag,
-    word_level_tokenizer,
-)
+from tests.helpers import NOT_IN_CORPUS, PASSAGES, build_rag, crash_at_step, tiny_rag
 
 ANSWER_SCORES = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
 

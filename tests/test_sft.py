@@ -6,12 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, pipeline
 
 from lmpipeline import chat, metrics, sft, tokens
-from tests.helpers import (
-    crash_at_step,
-    run_sft,
-    word_level_tokenizer,
-    write_sft_project,
-)
+from lmpipeline.testing import word_level_tokenizer
+from tests.helpers import crash_at_step, run_sft, write_sft_project
 from tests.helpers import sft_records as records
 
 

@@ -16,9 +16,16 @@ from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
 from lmpipeline.models import load_tokenizer, resolve_model
 from lmpipeline.params import CptParams, SftParams
 from lmpipeline.runtime import Peak
-from lmpipeline.testing import TINY_ENCODER, random_model, save
+from lmpipeline.testing import (
+    CORPUS,
+    TINY_ENCODER,
+    random_model,
+    save,
+    vocab_size,
+    wordpiece_tokenizer,
+)
 from lmpipeline.training import last_complete_checkpoint, training_args
-from tests.helpers import CORPUS, sft_records, vocab_size, wordpiece_tokenizer
+from tests.helpers import sft_records
 
 
 def test_resume_skips_a_checkpoint_a_crash_left_half_written(tmp_path: Path) -> None:
