@@ -268,7 +268,9 @@ def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
             ),
             name,
             lambda r: (
-                f"'{name}' has {r[name + CHARS]} characters once stripped, outside "
+                # int: the column is float in a chunk where another line has no count (NaN),
+                # and the message must not depend on how the file was cut into chunks.
+                f"'{name}' has {int(r[name + CHARS])} characters once stripped, outside "
                 f"[{bounds.min_chars}, {bounds.max_chars}] ({param} in params.yaml)"
             ),
         ),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lmpipeline.data import BOM, read_jsonl, read_passages
@@ -99,6 +99,9 @@ def check(root: Path, dataset: str, content: bytes) -> None:
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(content=FILES)
+# Found by this test: a line with no count (not text) beside a short one made the count a float
+# ("12.0 characters") in one chunk, an int in chunks of two lines.
+@example(content=b'{"prompt": "{"prompt": "\xc2\x85\r\n{"prompt": "\n{"prompt": "')
 def test_any_bytes_are_accepted_as_round_tripping_records_or_refused_by_line(
     tmp_path: Path, dataset: str, content: bytes
 ) -> None:
