@@ -107,7 +107,8 @@ BAD_PARAMS = [
     "sft: [1, 2]\n",
     "fp16: maybe\n",
     "cpt:\n  mlm_probability: 1.5\n",
-    "rag:\n  reader:\n    absent_share: 1.0\n",
+    "rag:\n  calibration_fraction: 1.0\n",
+    "rag:\n  rerank:\n    enabled: maybe\n",
 ]
 
 

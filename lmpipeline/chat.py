@@ -10,12 +10,16 @@ the SFT stage saves with the model as its chat template, so that generation ever
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BatchEncoding,
+    Cache,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -79,7 +83,70 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens: the loss covers the response only
+    truncated: bool
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
+) -> Example | None:
+    """Tokenize one pair; None when truncation would leave no response token to learn."""
+    head = prompt_text(tokenizer, prompt)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(head):
+        raise ValueError(
+            "the chat template renders the answer somewhere other than after the prompt"
+        )
+    prompt_ids = encode_turns(tokenizer, head, [prompt])
+    response_ids = encode_turns(tokenizer, full[len(head) :], [response])
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    if len(input_ids) <= len(prompt_ids):
+        return None
+    labels = [-100] * len(prompt_ids) + response_ids
+    return Example(input_ids, labels[:max_length], len(prompt_ids) + len(response_ids) > max_length)
+
+
+def left_padded(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> BatchEncoding:
+    """The prompts' chat renderings as one batch, padded on the left: where generation goes on."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        ids = [encode_turns(tokenizer, prompt_text(tokenizer, p), [p]) for p in prompts]
+        return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+
+
 @torch.no_grad()
+def greedy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: BatchEncoding,
+    max_new_tokens: int,
+    processors: LogitsProcessorList | None = None,
+    cache: Cache | None = None,
+) -> list[str]:
+    """Greedy answers to a left-padded batch of prompts; `cache` may hold the keys and values of
+    all but their last token, computed already (they are not computed again)."""
+    model.eval()
+    width = batch["input_ids"].shape[1]
+    out = model.generate(
+        **batch.to(model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=processors,
+        cache=cache,
+    )
+    return [a.strip() for a in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -87,26 +154,9 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy answers to `prompts`, batched with left padding."""
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    """Greedy answers to `prompts`, `batch_size` at a time, left-padded."""
     answers: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            ids = [encode_turns(tokenizer, prompt_text(tokenizer, p), [p]) for p in chunk]
-            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-            out = model.generate(
-                **batch.to(model.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = out[:, batch["input_ids"].shape[1] :]
-            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), batch_size):
+        batch = left_padded(tokenizer, prompts[i : i + batch_size])
+        answers += greedy(model, tokenizer, batch, max_new_tokens)
     return answers

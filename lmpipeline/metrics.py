@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 
-RECALL_KS = (1, 5, 10)
+RECALL_KS = (1, 3, 5, 10)
 NDCG_K = 10
 _PUNCTUATION = set(string.punctuation)
 _STOPWORDS = frozenset(STOPWORDS_EN)  # Lucene's English list, as BM25 uses

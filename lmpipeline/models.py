@@ -14,7 +14,9 @@ A bundled model is read from its GGUF file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from lmpipeline.errors import SetupError
 
@@ -140,6 +143,18 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 M = TypeVar("M", bound=PreTrainedModel)
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """transformers' loading reports errors only: for a model loaded on purpose without some of
+    its checkpoint's weights (an encoder's unused pooler) or with a new head (a reranker's)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_model(auto_class: type[M], source: ModelSource, **kwargs: Any) -> M:

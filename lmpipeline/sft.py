@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from lmpipeline.chat import generate
+from lmpipeline.chat import Example, generate
 from lmpipeline.metrics import perplexity, rouge_l, token_f1
 from lmpipeline.params import AdaptedParams, SftParams
-from lmpipeline.tokens import Example, Examples
+from lmpipeline.tokens import Examples
 from lmpipeline.training import EpochSampler, LossParts, StageTrainer, TokenBudget, score
 
 # --- batches -----------------------------------------------------------------------------------

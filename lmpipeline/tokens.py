@@ -16,7 +16,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
-from lmpipeline.chat import encode_turns, prompt_text
+from lmpipeline.chat import Example, encode
 from lmpipeline.data import open_input, publishing_dir
 from lmpipeline.errors import StageError
 
@@ -342,33 +341,6 @@ def pack(passages: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length
 
 
 # --- sft: chat-formatted examples ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # -100 on prompt tokens: the loss covers the response only
-    truncated: bool
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
-) -> Example | None:
-    """Tokenize one pair; None when truncation would leave no response token to learn."""
-    head = prompt_text(tokenizer, prompt)
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(head):
-        raise ValueError(
-            "the chat template renders the answer somewhere other than after the prompt"
-        )
-    prompt_ids = encode_turns(tokenizer, head, [prompt])
-    response_ids = encode_turns(tokenizer, full[len(head) :], [response])
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    if len(input_ids) <= len(prompt_ids):
-        return None
-    labels = [-100] * len(prompt_ids) + response_ids
-    return Example(input_ids, labels[:max_length], len(prompt_ids) + len(response_ids) > max_length)
 
 
 def encode_all(

@@ -106,16 +106,23 @@ def tiny_passages() -> list[str]:
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))]
 
 
-def build_rag(root: Path, params: dict, cpt: Path, sft: Path, held_out: int = 2) -> int:
-    """Run the `rag` stage in `root` on tiny data: 9 passages, the 6 RAG_RECORDS of which the
-    last `held_out` are held out, their golds found by validate_rag's rule; `params` is written
-    to root/params.yaml."""
+def build_rag(
+    root: Path,
+    params: dict,
+    cpt: Path,
+    sft: Path,
+    held_out: int = 2,
+    questions: list[dict[str, str]] = RAG_RECORDS,
+) -> int:
+    """Run the `rag` stage in `root` on tiny data: 9 passages, the 6 RAG_RECORDS (or
+    `questions`) of which the last `held_out` are held out, their golds found by validate_rag's
+    rule; `params` is written to root/params.yaml."""
     pretrain = tiny_passages()
     (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
     cfg = RagParams(**{k: v for k, v in params.get("rag", {}).items() if k.startswith("chunk")})
     chunks = knowledge.passage_chunks(pretrain, cfg.chunk_words, cfg.chunk_overlap)
-    golds = knowledge.GoldRule(chunks, pretrain)([r["answer"] for r in RAG_RECORDS])
-    records = [{**r, "gold": g} for r, g in zip(RAG_RECORDS, golds, strict=True)]
+    golds = knowledge.GoldRule(chunks, pretrain)([r["answer"] for r in questions])
+    records = [{**r, "gold": g} for r, g in zip(questions, golds, strict=True)]
     write_jsonl(root / "data/train.jsonl", records[: len(records) - held_out])
     write_jsonl(root / "data/eval.jsonl", records[len(records) - held_out :])
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

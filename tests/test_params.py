@@ -43,6 +43,8 @@ def test_params_yaml_matches_defaults() -> None:
     assert set(written) == set(defaults)
     for key, value in defaults.items():
         loaded = written[key]
+        if isinstance(value, str) and isinstance(loaded, bool):  # `enabled: false`, a name
+            loaded = "true" if loaded else "false"
         assert loaded == value and type(loaded) in {type(value), int}, (key, loaded, value)
     assert load_params(ROOT / "params.yaml") == Params()
 
@@ -173,8 +175,14 @@ def test_an_empty_params_file_is_refused(tmp_path: Path, text: str) -> None:
         load_params(write(tmp_path, text))
 
 
-def test_reader_absent_rule_is_a_name(tmp_path: Path) -> None:
-    fixed = load_params(write(tmp_path, "rag:\n  reader:\n    absent_rule: fixed\n"))
-    assert fixed.rag.reader.absent_rule == "fixed"
-    with pytest.raises(ParamsError, match=r"absent_rule must be retrieval\|fixed, got 'often'"):
-        load_params(write(tmp_path, "rag:\n  reader:\n    absent_rule: often\n"))
+def test_rag_choices_are_names_and_the_calibration_slice_a_share(tmp_path: Path) -> None:
+    forced = load_params(write(tmp_path, "rag:\n  rerank:\n    enabled: true\n"))
+    assert forced.rag.rerank.enabled == "true"  # YAML's boolean, read as the name
+    for bad, says in [
+        ("rerank:\n    enabled: sometimes", r"rag.rerank.enabled must be auto\|true\|false"),
+        ("retriever: sparse", r"rag.retriever must be auto\|dense\|bm25\|hybrid"),
+        ("calibration_fraction: 0", r"rag.calibration_fraction must be in \(0, 1\)"),
+        ("rerank:\n    candidates: 0", r"rag.rerank.candidates must be a number in \[1"),
+    ]:
+        with pytest.raises(ParamsError, match=says):
+            load_params(write(tmp_path, f"rag:\n  {bad}\n"))

@@ -24,27 +24,35 @@ from lmpipeline.training import train_resumable
 from tests.helpers import NOT_IN_CORPUS, PASSAGES, build_rag, crash_at_step, tiny_rag
 
 ANSWER_SCORES = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
+RAG_SCORES = ANSWER_SCORES | {"lacking", "f1_with_refusals"}
+RETRIEVAL_SCORES = {"recall@1", "recall@3", "recall@5", "recall@10", "mrr", "ndcg@10"}
 
 
 def test_scores_count_refusals_apart() -> None:
     """A refusal counts 0 in `supported`, is left out of `supported_answered` and counted in
-    `refused`: the share of content words of the other answers found in their passages."""
+    `refused`: the share of content words of the other answers found in their passages. Beside
+    it, the share of prompts lacking the answer, and F1 in which a refusal scores 1 where they
+    do and 0 where they do not."""
 
-    def record(answer: str, supported: float) -> dict[str, object]:
+    def record(answer: str, supported: float, lacking: bool) -> dict[str, object]:
         mode = {"answer": answer, "supported": supported}
-        return {"reference": "blue sky", "closed_book": mode, "rag": mode}
+        return {"reference": "blue sky", "closed_book": mode, "rag": {**mode, "lacking": lacking}}
 
     records = [
-        record("blue sky", 1.0),
-        record("green grass", 0.5),
-        record(f"  {reader.ABSENT_ANSWER.lower()} ", 0.0),
+        record("blue sky", 1.0, False),
+        record("green grass", 0.5, True),
+        record(f"  {reader.ABSENT_ANSWER.lower()} ", 0.0, True),
+        record(reader.ABSENT_ANSWER, 0.0, False),
     ]
-    scores = evaluation.scores_of(records)["rag"]
-    assert set(scores) == ANSWER_SCORES
-    assert scores["supported"] == 0.5
-    assert scores["supported_answered"] == 0.75
-    assert scores["refused"] == round(1 / 3, 6)
-    assert scores["em"] == round(1 / 3, 6)
+    scores = evaluation.scores_of(records)
+    rag = scores["rag"]
+    assert set(rag) == RAG_SCORES and set(scores["closed_book"]) == ANSWER_SCORES
+    assert rag["supported"] == 0.375
+    assert rag["supported_answered"] == 0.75
+    assert rag["refused"] == 0.5 and rag["lacking"] == 0.5
+    assert rag["em"] == 0.25 and rag["f1"] == 0.25
+    # The right refusal scores 1, the wrong one 0, "green grass" 0 (no word in common).
+    assert rag["f1_with_refusals"] == 0.5
 
 
 def test_contrastive_loss_masks_a_shared_gold(tiny_bert_dir: Path) -> None:
@@ -120,33 +128,44 @@ def tiny_config() -> SystemConfig:
     )
 
 
-def test_reader_examples_hold_a_gold_or_say_the_passages_do_not() -> None:
+def test_reader_examples_answer_where_the_passages_hold_the_answer_and_refuse_where_not() -> None:
+    """The target follows what the passages a retriever not trained on the question gives
+    hold: a gold among them, the answer; none, and all silent, the refusal; none, but one
+    holding part of the answer, the answer with the gold put in; stated nowhere, the refusal."""
     entries = [Entry(f"p{i}.0", f"passage number {i}") for i in range(6)]
+    entries[4] = Entry("p4.0", "it says something partly inserted here")
     config = tiny_config()
     records = [
-        {"question": "found?", "answer": "yes, found"},  # gold 1 retrieved first
-        {"question": "missed?", "answer": "inserted"},  # gold 5 not retrieved: put in
-        {"question": "unstated?", "answer": "nowhere"},  # no gold: always absent
+        {"question": "found?", "answer": "yes, found"},  # gold 1 ranked first
+        {"question": "missed?", "answer": "inserted words"},  # gold 5 missed, passages silent
+        {"question": "partly?", "answer": "partly inserted"},  # gold 5 missed, passage 4 holds half
+        {"question": "unstated?", "answer": "nowhere"},  # no gold: stated by no chunk
     ]
-    split = Questions(records, [[1], [5], []])
-    ranked = np.array([[1, 2, 3], [2, 3, 4], [0, 1, 2]])
+    split = Questions(records, [[1], [5], [5], []])
+    ranked = np.array([[1, 2, 3], [2, 3, 0], [4, 2, 3], [0, 1, 2]])
     tokenizer = word_level_tokenizer(chat=True)
-    made = reader.reader_records(split, ranked, entries, config, tokenizer, None, 0.0, seed=0)
-    assert [r["response"] for r in made] == ["yes, found", "inserted", reader.ABSENT_ANSWER]
+    made = reader.reader_records(split, ranked, entries, config, tokenizer, None, True, seed=0)
+    assert [r["response"] for r in made] == [
+        "yes, found",
+        reader.ABSENT_ANSWER,
+        "partly inserted",
+        reader.ABSENT_ANSWER,
+    ]
     assert "passage number 1" in made[0]["prompt"] and "passage number 2" in made[0]["prompt"]
-    assert "passage number 5" in made[1]["prompt"]
-    assert made[1]["prompt"].count("Passage ") == 2  # one retrieved passage gave way to the gold
-    assert made[2]["prompt"].endswith("Question: unstated?")
-    # With every example absent, no gold chunk is ever shown.
-    absent = reader.reader_records(split, ranked, entries, config, tokenizer, None, 0.99, seed=0)
-    assert all(r["response"] == reader.ABSENT_ANSWER for r in absent)
-    assert "passage number 1" not in absent[0]["prompt"]
+    assert "passage number 5" not in made[1]["prompt"]  # a refusal is taught without the gold
+    assert "passage number 5" in made[2]["prompt"]  # the gold put in for the partial passage
+    assert made[2]["prompt"].count("Passage ") == 2
+    assert made[3]["prompt"].endswith("Question: unstated?")
+    # Refusal not taught: the missed gold is put in, and a question stated nowhere is left out.
+    taught = reader.reader_records(split, ranked, entries, config, tokenizer, None, False, seed=0)
+    assert [r["response"] for r in taught] == ["yes, found", "inserted words", "partly inserted"]
+    assert "passage number 5" in taught[1]["prompt"]
 
 
 def test_an_example_taught_as_absent_shows_no_passage_that_states_its_answer() -> None:
     # Chunk 2 is not gold, but it holds the answer in other words (chunks overlap, answers are
     # restated): shown with "The passages do not say." it would teach the model to abstain
-    # while the answer stands before it.
+    # while the answer stands before it. So a missed gold is put in instead.
     entries = [
         Entry("p0.0", "passage number zero"),
         Entry("p1.0", "the gold passage says forty two layers"),
@@ -155,14 +174,13 @@ def test_an_example_taught_as_absent_shows_no_passage_that_states_its_answer() -
         Entry("p4.0", "passage number four"),
     ]
     split = Questions([{"question": "how many layers?", "answer": "forty two layers"}], [[1]])
-    ranked = np.array([[1, 2, 0, 3, 4]])
+    ranked = np.array([[2, 0, 3, 4, 1]])
     tokenizer = word_level_tokenizer(chat=True)
     made = reader.reader_records(
-        split, ranked, entries, tiny_config(), tokenizer, None, 0.99, seed=0
+        split, ranked, entries, tiny_config(), tokenizer, None, True, seed=0
     )
-    assert made[0]["response"] == reader.ABSENT_ANSWER
-    assert "forty" not in made[0]["prompt"].split("Question:")[0]
-    assert "passage number zero" in made[0]["prompt"] and "number three" in made[0]["prompt"]
+    assert made[0]["response"] == "forty two layers"
+    assert "the gold passage says" in made[0]["prompt"]
 
 
 def test_passages_are_shortened_to_fit_the_generator_context() -> None:
@@ -233,19 +251,21 @@ def built(
 
 def test_metrics_have_every_key_of_the_spec(built: tuple[Path, dict]) -> None:
     root, metrics = built
-    assert set(metrics["retrieval"]) == {"base", "cpt", "finetuned", "bm25", "hybrid"}
+    names = {"base", "cpt", "finetuned", "bm25", "hybrid", "system"}  # no reranker by default
+    assert set(metrics["retrieval"]) == names
     for scores in metrics["retrieval"].values():
-        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}
+        assert set(scores) == RETRIEVAL_SCORES
         assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
     # The last held-out answer is stated by no passage: counted, and its answers scored apart.
     assert metrics["questions"] == {"held_out": 2, "in_corpus": 1, "not_in_corpus": 1}
     assert set(metrics["answers"]) == {"closed_book", "rag", "not_in_corpus"}
-    assert set(metrics["answers"]["rag"]) == ANSWER_SCORES
+    assert set(metrics["answers"]["rag"]) == RAG_SCORES
     assert metrics["answers"]["not_in_corpus"]["questions"] == 1
     latency = json.loads((root / "output/timings/rag.json").read_text())["latency"]
     assert set(latency) == {
         "embed_passages_per_s",
         "retrieve_ms_p50",
+        "first_stage_ms_p50",
         "answer_ms_p50",
         "answer_all_s",
     }
@@ -285,9 +305,8 @@ def test_outputs_hold_a_loadable_system_and_readable_predictions(built: tuple[Pa
     )
     assert "answer" in first["closed_book"]
     curve = (root / "metrics/rag/recall.csv").read_text().splitlines()
-    assert (
-        curve[0] == "k,base,cpt,finetuned,bm25,hybrid" and len(curve) == 1 + evaluation.CURVE_DEPTH
-    )
+    assert curve[0] == "k,base,cpt,finetuned,bm25,hybrid,system"
+    assert len(curve) == 1 + evaluation.CURVE_DEPTH
 
 
 def test_ask_answers_from_the_output_directory_alone(
@@ -375,10 +394,15 @@ def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(
         not torch.equal(a, b) for a, b in zip(taught.parameters(), sft.parameters(), strict=True)
     )
     metrics = json.loads((tmp_path / "metrics/rag.json").read_text())
-    assert metrics["reader"]["examples"] == 4  # the train questions only, never held-out ones
-    # absent_rule retrieval: as often as the start encoder misses train golds in its top_k.
-    missed = 1 - metrics["start"]["train_recall_top_k"]
-    assert metrics["reader"]["absent_share"] == pytest.approx(missed, abs=1e-6)
+    # The fit questions, then (once the refusal is calibrated) the calibration one: never a
+    # held-out question.
+    assert metrics["train_questions"] == {"fit": 3, "calibration": 1}
+    assert metrics["reader"]["examples"] == 4 and metrics["reader"]["refit_examples"] == 1
+    assert 0 <= metrics["reader"]["absent"] <= 4
+    assert config["refusal"] == reader.ABSENT_ANSWER
+    threshold = metrics["refusal"]["threshold"]
+    assert config.get("refusal_threshold") == threshold
+    assert metrics["refusal"]["calibration"]["questions"] == 1
     timings = json.loads((tmp_path / "output/timings/rag.json").read_text())
     assert timings["reader"]["tokens_per_s"] > 0
     system = ask.load_system(out, "cpu")
@@ -425,7 +449,7 @@ def test_rag_params_refuse_what_cannot_run() -> None:
 
 def test_default_params_load_with_rag_keys() -> None:
     cfg = load_params(Path(__file__).resolve().parents[1] / "params.yaml").rag
-    assert cfg.retriever in {"dense", "bm25", "hybrid"} and cfg.index == "flat"
+    assert cfg.retriever == "auto" and cfg.index == "flat" and cfg.rerank.enabled == "false"
 
 
 @pytest.mark.parametrize("question", ["", "   ", "\u200b\u200d \t"])

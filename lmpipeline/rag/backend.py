@@ -8,8 +8,10 @@ setup, checkpoints, BM25 and hybrid rankings, timings and metrics are the same f
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +25,6 @@ from lmpipeline.data import file_digest
 from lmpipeline.metrics import gold_ranks
 from lmpipeline.params import LaunchParams, Params, RagTrainingParams
 from lmpipeline.rag.evaluation import print_retrieval, score_system
-from lmpipeline.rag.index import lexical_ranks
 from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.system import System
 from lmpipeline.runtime import is_main_process
@@ -96,6 +97,11 @@ class Backend(Protocol):
         """Write the system `load` reads to `output`; return the index's dimension."""
         ...
 
+    def final_ranks(self, questions: Sequence[str], dense: np.ndarray) -> dict[str, np.ndarray]:
+        """Rankings of the entries for `questions` besides the fine-tuned model's (`dense`), by
+        metric name: "bm25", "hybrid", ... and "system", what the saved system retrieves."""
+        ...
+
     def flops_per_token(self, model: PreTrainedModel) -> float | None:
         """Training FLOPs per counted token, for MFU; None where it is not a constant."""
         ...
@@ -107,6 +113,16 @@ class Backend(Protocol):
     def load(self, output: Path, device: str) -> System:
         """The saved system, as `ask` loads it."""
         ...
+
+
+@contextlib.contextmanager
+def phase(timings: dict[str, Any], name: str) -> Iterator[None]:
+    """Seconds the block took, as `timings["phases_s"][name]` (where a stage's time goes)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings.setdefault("phases_s", {})[name] = round(time.perf_counter() - start, 1)
 
 
 def make_trainer(
@@ -156,7 +172,9 @@ def build(
     cfg = params.rag
     scored = held_out.in_corpus()
     questions, gold = scored.questions, scored.golds
-    model = backend.load_model()
+    timings = backend.timings
+    with phase(timings, "start"):
+        model = backend.load_model()
     ranks: dict[str, list[np.ndarray]] = {}
     if is_main_process():  # the other ranks of a distributed run only fine-tune
         base = backend.base_ranks(model, questions)
@@ -169,26 +187,28 @@ def build(
     trainer = make_trainer(
         model, training, cfg.train, params.seed, device, mode, checkpoints, params.launch
     )
-    model = train_resumable(trainer, "rag")
+    with phase(timings, "fine-tune"):
+        model = train_resumable(trainer, "rag")
     if not is_main_process():
         backend.discard()
         return None
 
     dense = backend.rank(model, questions)
     ranks["finetuned"] = gold_ranks(dense, gold)
-    lexical, hybrid = lexical_ranks(kb.bm25, len(kb.entries), questions, dense)
-    ranks["bm25"], ranks["hybrid"] = gold_ranks(lexical, gold), gold_ranks(hybrid, gold)
+    dim = backend.save(model, outputs.system, kb.bm25)  # cpt-sft: its phases are timed inside
+    final = backend.final_ranks(questions, dense)
+    ranks.update({name: gold_ranks(ranked, gold) for name, ranked in final.items()})
     print_retrieval(ranks)
 
-    dim = backend.save(model, outputs.system, kb.bm25)
     speed = throughput("rag", trainer, backend.flops_per_token(model), device)
     history = trainer.state.log_history
     del model, trainer  # with its optimizer state: rag-sequence-nq's would double peak memory
     gc.collect()
-    system = backend.load(outputs.system, params.device)  # what `ask` will load
-    metrics, latency = score_system(
-        system, kb, held_out, cfg, ranks, history, dim, outputs.plots, outputs.predictions
-    )
+    with phase(timings, "score"):
+        system = backend.load(outputs.system, params.device)  # what `ask` will load
+        metrics, latency = score_system(
+            system, kb, held_out, cfg, ranks, history, dim, outputs.plots, outputs.predictions
+        )
     metrics.update(backend.decisions())
     latency = {"embed_passages_per_s": round(backend.embed_per_s, 1), **latency}
     return StageResult(metrics, {"train": speed, **backend.timings, "latency": latency})

@@ -1,9 +1,12 @@
-"""The `cpt-sft` RAG system as `ask` loads it: the fine-tuned CPT encoder retrieves (dense, BM25 or
-hybrid), the SFT model answers with the top passages in its chat prompt.
+"""The `cpt-sft` RAG system as `ask` loads it: the fine-tuned encoder retrieves (dense, BM25 or a
+weighted hybrid), a cross-encoder reorders the first stage's top candidates where one was chosen,
+and the SFT model answers with the top passages in its chat prompt, or, taught to read, refuses
+where its likelihood of the refusal passes the calibrated threshold (`lmpipeline.rag.refusal`).
 
 Its directory holds `retriever/` (a Hugging Face encoder), `index.faiss`, `bm25/`,
-`passages.jsonl` and `config.json`, which names the generator's directory relative to it
-(`../sft`). How it is trained is in `lmpipeline.rag.cpt_sft_train`.
+`passages.jsonl`, `reranker/` where one is used, and `config.json`, which names the generator's
+directory relative to it (`../sft`, or `generator`). How it is trained is in
+`lmpipeline.rag.cpt_sft_train`.
 """
 
 from __future__ import annotations
@@ -14,18 +17,30 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    BatchEncoding,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from lmpipeline.chat import (
     encode_turns,
     generate,
+    greedy,
+    left_padded,
     load_causal_lm,
     load_chat_tokenizer,
     prompt_text,
 )
 from lmpipeline.errors import SetupError
-from lmpipeline.rag.index import CANDIDATES, embed, fuse, search
+from lmpipeline.rag.index import CANDIDATES, embed, hybrid, search
 from lmpipeline.rag.lexical import bm25_search
+from lmpipeline.rag.refusal import NoRefusal, Prefilled, prefill, response_ids
+from lmpipeline.rag.rerank import load_reranker, rerank_rows
 from lmpipeline.rag.system import (
     Answer,
     Hit,
@@ -94,6 +109,12 @@ def fitted_prompt(
         question = " ".join(words[: len(words) - over])  # a word is at least a token
 
 
+def budget_of(model_config: PretrainedConfig, config: SystemConfig) -> int | None:
+    """Tokens a prompt may take: the generator's context less the answer's (None: no bound)."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    return context - config.max_new_tokens if context else None
+
+
 class CptSftSystem:
     """Retriever, indexes and generator loaded from a rag directory; `ask` answers a question."""
 
@@ -123,12 +144,19 @@ class CptSftSystem:
             raise broken(path / BM25_DIR, f"not a BM25 index ({err})") from None
         self.generator_tokenizer, _ = load_chat_tokenizer(generator)
         self.generator = load_causal_lm(generator, device).eval()
+        self.reranker = None
+        if config.reranker is not None:
+            reranker = model_dir(path, config.reranker, "reranker")
+            self.reranker = load_reranker(reranker, device)
+        self.refusal_ids = (
+            response_ids(self.generator_tokenizer, config.refusal) if config.refusal else None
+        )
 
     @classmethod
     def load(cls, path: Path, config: SystemConfig, device: str = "auto") -> CptSftSystem:
         return cls(path, config, resolve_device(device))
 
-    def rank(self, questions: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    def first_stage(self, questions: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, entry indices) of the configured retriever for each question."""
         kind = self.config.retriever
         if kind == "bm25":
@@ -140,7 +168,25 @@ class CptSftSystem:
         if kind == "dense":
             return dense[0][:, :depth], dense[1][:, :depth]
         lexical = bm25_search(self.bm25, questions, max(depth, CANDIDATES))
-        return fuse([dense[1], lexical[1]], len(self.entries), depth)
+        weight = self.config.fusion_weight
+        return hybrid(
+            dense[1], lexical[1], len(self.entries), depth, 0.5 if weight is None else weight
+        )
+
+    def rank(self, questions: Sequence[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, entry indices) of the system's retrieval for each question: the first
+        stage's, or its top max(depth, rerank_candidates) reordered by the reranker (scores:
+        the reranker's logits)."""
+        if self.reranker is None:
+            return self.first_stage(questions, depth)
+        assert self.config.rerank_candidates and self.config.rerank_max_length
+        _, ids = self.first_stage(questions, max(depth, self.config.rerank_candidates))
+        texts = [e.text for e in self.entries]
+        model, tokenizer = self.reranker
+        scores, ids = rerank_rows(
+            model, tokenizer, questions, ids, texts, self.config.rerank_max_length
+        )
+        return scores[:, :depth], ids[:, :depth]
 
     def retrieve(self, question: str, k: int | None = None) -> list[Hit]:
         scores, ids = self.rank([question], k or self.config.top_k)
@@ -160,8 +206,55 @@ class CptSftSystem:
 
     def prompt_budget(self) -> int | None:
         """Tokens the prompt may take: the generator's context less the answer's."""
-        context = getattr(self.generator.config, "max_position_embeddings", None)
-        return context - self.config.max_new_tokens if context else None
+        return budget_of(self.generator.config, self.config)
+
+    @staticmethod
+    def prompt_budget_of(generator: Path, config: SystemConfig) -> int | None:
+        """`prompt_budget` of the generator in directory `generator`, without loading it."""
+        return budget_of(AutoConfig.from_pretrained(generator, trust_remote_code=False), config)
+
+    def prefill(self, batch: BatchEncoding) -> tuple[list[bool], Prefilled | None]:
+        """Whether to refuse each prompt of a left-padded batch (its refusal's log-likelihood
+        above the threshold), and the prefill that decided it (None: the generator was never
+        taught to refuse, and never does)."""
+        if self.refusal_ids is None:
+            return [False] * len(batch["input_ids"]), None
+        read = prefill(self.generator, batch, self.refusal_ids)
+        threshold = self.config.refusal_threshold
+        return [threshold is not None and bool(lp > threshold) for lp in read.logprobs], read
+
+    def processors(self, width: int) -> LogitsProcessorList | None:
+        """What keeps an answer from being the refusal, for prompts padded to `width` tokens."""
+        if self.refusal_ids is None:
+            return None
+        return LogitsProcessorList([NoRefusal(self.refusal_ids[:2], width)])
+
+    def read(self, prompts: Sequence[str]) -> list[tuple[str, float | None]]:
+        """Each prompt's output and the reader's log-likelihood of its refusal (None: never
+        taught): the refusal where it passes the threshold, else the best answer that is not
+        the refusal, generated from the prefill's cache."""
+        batch = left_padded(self.generator_tokenizer, prompts)
+        refused, read = self.prefill(batch)
+        kept = [i for i, no in enumerate(refused) if not no]
+        answers: dict[int, str] = {}
+        if kept:
+            cache = read.cache if read else None
+            if cache is not None and len(kept) < len(refused):
+                cache.batch_select_indices(torch.tensor(kept))
+            rows = BatchEncoding({k: v[kept] for k, v in batch.items()})
+            width = batch["input_ids"].shape[1]
+            texts = greedy(
+                self.generator,
+                self.generator_tokenizer,
+                rows,
+                self.config.max_new_tokens,
+                self.processors(width),
+                cache,
+            )
+            answers = dict(zip(kept, texts, strict=True))
+        refusal = self.config.refusal or ""
+        logprobs = [None] * len(prompts) if read is None else [float(lp) for lp in read.logprobs]
+        return [(refusal if no else answers[i], logprobs[i]) for i, no in enumerate(refused)]
 
     def ask(self, question: str, k: int | None = None) -> Answer:
         return self.answers([question], 1, k)[0]
@@ -170,9 +263,10 @@ class CptSftSystem:
         return self.answers(questions, batch_size, None)
 
     def answers(self, questions: Sequence[str], batch_size: int, k: int | None) -> list[Answer]:
-        """Retrieve for every question at once, then generate `batch_size` answers at a time
-        (left-padded, greedy: the answers `ask` gives one by one). Prompts of similar length go
-        together, so that a batch pads little; the answers come back in the questions' order."""
+        """Retrieve for every question at once, decide which to refuse, then generate
+        `batch_size` answers at a time (left-padded, greedy: the answers `ask` gives one by
+        one). Prompts of similar length go together, so that a batch pads little; the answers
+        come back in the questions' order."""
         scores, ids = self.rank(questions, k or self.config.top_k)
         found = [hits(self.entries, s, i) for s, i in zip(scores, ids, strict=True)]
         budget, tokenizer = self.prompt_budget(), self.generator_tokenizer
@@ -181,14 +275,11 @@ class CptSftSystem:
             for q, f in zip(questions, found, strict=True)
         ]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        generated = generate(
-            self.generator,
-            tokenizer,
-            [prompts[i] for i in order],
-            self.config.max_new_tokens,
-            batch_size,
-        )
-        texts = dict(zip(order, generated, strict=True))
+        outputs = {}
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            outputs.update(zip(rows, self.read([prompts[i] for i in rows]), strict=True))
         return [
-            Answer(q, texts[i], f) for i, (q, f) in enumerate(zip(questions, found, strict=True))
+            Answer(q, outputs[i][0], f, outputs[i][1])
+            for i, (q, f) in enumerate(zip(questions, found, strict=True))
         ]

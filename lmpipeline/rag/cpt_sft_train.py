@@ -1,6 +1,11 @@
 """Building the `cpt-sft` RAG system: a sentence encoder, mean-pooled and L2-normalized,
-fine-tuned DPR-style on the train questions and indexed with FAISS; the SFT model is its
-generator, untouched.
+fine-tuned DPR-style and indexed with FAISS; the retriever answers use, chosen among dense, BM25
+and hybrids; a cross-encoder reranker where it pays; the SFT model taught to read and to refuse.
+
+The train questions are split once (`rag.calibration_fraction`, `seed`): every model trains on
+the *fit* questions, and every choice is made on the *calibration* questions, which no model
+trains on: a choice made there is what a new question would meet. Held-out questions decide
+nothing and train nothing; they are only scored (`lmpipeline.rag.evaluation`).
 
 - **Start.** Fine-tuning starts from the CPT encoder, unless the base encoder (`cpt.model`)
   ranks the train questions' gold chunks better (MRR; `rag.start_encoder: auto`): masked-LM
@@ -10,6 +15,18 @@ generator, untouched.
   batch are its negatives, and `rag.train.hard_negatives` chunks per question mined from BM25's
   and the starting encoder's top `MINE_DEPTH` that do not state its answer (support below half
   the gold rule's threshold: a margin against false negatives).
+- **Retriever** (`rag.retriever: auto`): the fine-tuned dense ranking, BM25 or their fusion with
+  the dense share 0.5, 0.7 or 0.3, whichever ranks the calibration questions' golds best
+  (nDCG@10; a tie goes to the first of that list: `decisions.FIRST_STAGES`).
+- **Cross-fitting.** The fit questions are cut in two halves; a retriever trained (the same
+  recipe) on one half ranks the other. So each fit question has a ranking by a first stage that
+  never saw it, as a new question is ranked: the passages the reader is taught with, and the
+  reranker's negatives, come from there.
+- **Reranker** (`lmpipeline.rag.rerank_train`): trained on the fit questions, used where it
+  raises the calibration questions' nDCG@10 over the first stage's (`rag.rerank.enabled: auto`).
+- **Reader and refusal** (`lmpipeline.rag.reader`, `lmpipeline.rag.refusal`): the SFT model
+  taught on the fit questions with their cross-fitted passages, then the refusal threshold that
+  maximizes answer F1 on the calibration questions, as the saved system answers them.
 
 Retrieval is ranked for the base encoder and the CPT encoder as is before fine-tuning, and for
 the fine-tuned one after. The system it saves is `lmpipeline.rag.cpt_sft`.
@@ -17,10 +34,12 @@ the fine-tuned one after. The system it saves is `lmpipeline.rag.cpt_sft`.
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
-from lmpipeline.metrics import gold_ranks, recall_at, retrieval_scores
-from lmpipeline.models import load_model, load_tokenizer, resolve_model
+from lmpipeline.chat import load_chat_tokenizer
+from lmpipeline.data import file_digest
+from lmpipeline.metrics import gold_ranks, retrieval_scores
+from lmpipeline.models import load_model, load_tokenizer, quietly, resolve_model
 from lmpipeline.params import Params
-from lmpipeline.rag.backend import Training
+from lmpipeline.rag.backend import Training, make_trainer, phase
 from lmpipeline.rag.cpt_sft import (
     BACKEND,
     BM25_DIR,
@@ -44,13 +64,30 @@ from lmpipeline.rag.cpt_sft import (
     RAG_PROMPT,
     RETRIEVER_DIR,
     CptSftSystem,
+    fitted_prompt,
 )
-from lmpipeline.rag.index import embed, embed_stream, pooled, search, stream_index
+from lmpipeline.rag.decisions import (
+    RetrieverChoice,
+    calibrate_refusal,
+    choose_retriever,
+    rerank_pays,
+)
+from lmpipeline.rag.index import (
+    CANDIDATES,
+    embed,
+    embed_stream,
+    hybrid,
+    pooled,
+    search,
+    stream_index,
+)
 from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions, silent_on, write_entries
 from lmpipeline.rag.lexical import bm25_search
 from lmpipeline.rag.reader import GENERATOR_DIR, reader_records, teach_reader
-from lmpipeline.rag.system import ABSENT_ANSWER, INDEX_FILE, System, SystemConfig
-from lmpipeline.training import LossParts
+from lmpipeline.rag.rerank import RERANKER_DIR, rerank_rows
+from lmpipeline.rag.rerank_train import groups, train_reranker
+from lmpipeline.rag.system import ABSENT_ANSWER, INDEX_FILE, Hit, System, SystemConfig
+from lmpipeline.training import LossParts, checkpoint_dir, throughput, train_resumable
 
 # 1 / temperature 0.05, sentence-transformers' default for in-batch-negative training.
 SCALE = 20.0
@@ -58,14 +95,9 @@ SCALE = 20.0
 
 def load_encoder(path: Path | str, device: torch.device) -> PreTrainedModel:
     """The bare encoder of a model directory: an MLM or pooler head, if any, is not used."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the unused, absent pooler would be reported as "new"
-    try:
-        return AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(
-            device
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    with quietly():  # the unused, absent pooler would be reported as "new"
+        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+    return model.to(device)
 
 
 def contrastive_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> LossParts:
@@ -168,8 +200,24 @@ class Encoder:
     embed_per_s: float
 
 
+def padded(ranked: np.ndarray, depth: int) -> np.ndarray:
+    """The first `depth` columns of `ranked`, -1 (nothing) where it has fewer."""
+    out = np.full((len(ranked), depth), -1, dtype=np.int64)
+    width = min(depth, ranked.shape[1])
+    out[:, :width] = ranked[:, :width]
+    return out
+
+
+def halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Positions 0..n-1 cut in two halves drawn with `seed`, each in order (the folds of the
+    cross-fitting)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[: n // 2].tolist()), sorted(order[n // 2 :].tolist())
+
+
 class CptSftBackend:
-    """The `Backend` that fine-tunes a sentence encoder as the retriever of the SFT generator."""
+    """The `Backend` that fine-tunes a sentence encoder as the retriever of the SFT generator,
+    chooses the first stage and the reranker, and teaches the generator to read and refuse."""
 
     def __init__(
         self,
@@ -189,47 +237,67 @@ class CptSftBackend:
             mode,
         )
         self.cpt, self.sft = cpt, sft
-        self.all_train, self.train = train, train.in_corpus()
-        self.reader: dict[str, Any] = {}  # what teaching the generator to read did
+        self.all_train = train
+        self.fit, self.calibration = train.split(self.cfg.calibration_fraction, params.seed)
+        self.figures: dict[str, Any] = {}  # what each choice was made on, for metrics/rag.json
         self.timings: dict[str, Any] = {}
         self.candidates: dict[str, Encoder] = {}  # filled by load_model: "cpt", "base"
         self.start = ""  # the candidate fine-tuning starts from
         self.start_mrr: dict[str, float] = {}
-        self.start_recall = 1.0  # the start's recall@top_k of the train questions' golds
+        self.negatives: dict[str, tuple[int, ...]] = {}  # mined for each fit question
         self.index: faiss.Index | None = None  # built by `rank`, from the fine-tuned encoder
         self.embed_per_s = 0.0
+        self.choice: RetrieverChoice | None = None  # made by `save`
+        self.reranker: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+        self.rerank_used = False
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.candidates[self.start].tokenizer
 
+    @property
+    def depth(self) -> int:
+        """How deep first-stage rankings go: past what the reranker, the reader (a passage
+        silent on the answer) and the hybrid's fusion read."""
+        return max(MINE_DEPTH, self.cfg.rerank.candidates, self.cfg.top_k)
+
+    # --- the retriever ---------------------------------------------------------------------
+
     def load_model(self) -> PreTrainedModel:
         """The encoder fine-tuning starts from (module docstring: Start)."""
-        source = resolve_model(self.params.cpt.model)
         loaded = {
             "cpt": (
                 load_encoder(self.cpt, self.device),
                 AutoTokenizer.from_pretrained(self.cpt, trust_remote_code=False),
             ),
-            "base": (load_model(AutoModel, source).to(self.device), load_tokenizer(source)),
+            "base": self.load_base(),
         }
         for name, (model, tokenizer) in loaded.items():
             self.candidates[name] = self.embed_entries(model, tokenizer, name)
-        questions, train_ranks = self.train.questions, {}
+        stated = self.all_train.in_corpus()
         for name in loaded:
-            ranked = self.dense_ranks(self.candidates[name], questions)
-            train_ranks[name] = gold_ranks(ranked, self.train.golds)
-            self.start_mrr[name] = retrieval_scores(train_ranks[name])["mrr"]
+            ranked = self.dense_ranks(self.candidates[name], stated.questions)
+            self.start_mrr[name] = retrieval_scores(gold_ranks(ranked, stated.golds))["mrr"]
         choice = self.cfg.start_encoder
         if choice == "auto":
             choice = "cpt" if self.start_mrr["cpt"] > self.start_mrr["base"] else "base"
         self.start = choice
-        self.start_recall = recall_at(train_ranks[choice], self.cfg.top_k)
         print(
             f"rag: fine-tuning starts from the {choice} encoder (train-question MRR: cpt"
-            f" {self.start_mrr['cpt']:.3f}, base {self.start_mrr['base']:.3f})"
+            f" {self.start_mrr['cpt']:.3f}, base {self.start_mrr['base']:.3f}); fit"
+            f" {len(self.fit.records)}, calibration {len(self.calibration.records)} questions"
         )
         return self.candidates[choice].model
+
+    def load_base(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        source = resolve_model(self.params.cpt.model)
+        return load_model(AutoModel, source).to(self.device), load_tokenizer(source)
+
+    def load_start(self) -> PreTrainedModel:
+        """A fresh copy of the encoder fine-tuning starts from (a fold's start)."""
+        if self.start == "cpt":
+            return load_encoder(self.cpt, self.device)
+        return self.load_base()[0]
 
     def base_ranks(self, model: PreTrainedModel, questions: Sequence[str]) -> dict[str, np.ndarray]:
         ranked = {name: self.dense_ranks(c, questions) for name, c in self.candidates.items()}
@@ -238,32 +306,38 @@ class CptSftBackend:
         return {"base": ranked["base"], "cpt": ranked["cpt"]}
 
     def training(self, train: Questions, held_out: Questions) -> Training:
-        """Pairs of the questions whose answer a chunk states, the train ones with hard
-        negatives; held-out pairs (the eval loss) have in-batch negatives only."""
+        """Pairs of the fit questions whose answer a chunk states, with hard negatives (the
+        calibration questions stay apart: they decide); held-out pairs (the eval loss) have
+        in-batch negatives only."""
         n = self.cfg.train.hard_negatives
-        negatives = None
+        stated = self.fit.in_corpus()
         if n:
-            stated = train.in_corpus()
             start = self.candidates[self.start]
             lexical = bm25_search(self.kb.bm25, stated.questions, MINE_DEPTH)[1]
             dense = self.dense_ranks(start, stated.questions, MINE_DEPTH)
-            negatives = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
+            mined = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
+            self.negatives = dict(zip(stated.questions, mined, strict=True))
         return Training(
             loss_fn=contrastive_loss,
-            collator=PairCollator(self.tokenizer, self.kb.entries, self.cfg.max_length),
-            train=pairs(train, negatives),
+            collator=self.collator(),
+            train=self.fit_pairs(stated),
             held_out=pairs(held_out),
         )
 
+    def collator(self) -> PairCollator:
+        return PairCollator(self.tokenizer, self.kb.entries, self.cfg.max_length)
+
+    def fit_pairs(self, stated: Questions) -> list[Pair]:
+        """Pairs of fit questions (all in corpus), with the negatives mined for them."""
+        return pairs(stated, [self.negatives.get(q, ()) for q in stated.questions])
+
     def decisions(self) -> dict[str, Any]:
-        start = {
-            "start": {
-                "encoder": self.start,
-                "train_mrr": self.start_mrr,
-                "train_recall_top_k": round(self.start_recall, 6),
-            }
+        start = {"encoder": self.start, "train_mrr": self.start_mrr}
+        questions = {
+            "fit": len(self.fit.records),
+            "calibration": len(self.calibration.records),
         }
-        return {**start, "reader": self.reader} if self.reader else start
+        return {"start": start, "train_questions": questions, **self.figures}
 
     def checkpoint_inputs(self) -> list[Path]:
         return sorted(self.cpt.glob("*.safetensors"))
@@ -273,10 +347,153 @@ class CptSftBackend:
         self.index, self.embed_per_s = tuned.index, tuned.embed_per_s
         return self.dense_ranks(tuned, questions)
 
+    # --- first stage, cross-fitting, reranker --------------------------------------------------
+
+    def first_stage(
+        self, encoder: Encoder, questions: Sequence[str], kind: str, weight: float | None
+    ) -> np.ndarray:
+        """The top `depth` entries for each question by the first stage `kind` over `encoder`'s
+        dense ranking and BM25, as the saved system ranks them (-1 pads a short list)."""
+        depth = max(self.depth, CANDIDATES)
+        lexical = bm25_search(self.kb.bm25, questions, depth)[1]
+        if kind == "bm25":
+            return padded(lexical, self.depth)
+        dense = self.dense_ranks(encoder, questions, depth)
+        if kind == "dense":
+            return padded(dense, self.depth)
+        n = len(self.kb.entries)
+        return padded(
+            hybrid(dense, lexical, n, depth, 0.5 if weight is None else weight)[1], self.depth
+        )
+
+    def choose_first_stage(self, tuned: Encoder) -> RetrieverChoice:
+        """`rag.retriever` (auto: decisions.choose_retriever) on the calibration questions."""
+        stated = self.calibration.in_corpus()
+        choice = choose_retriever(
+            self.cfg.retriever,
+            lambda kind, weight: self.first_stage(tuned, stated.questions, kind, weight),
+            stated.golds,
+        )
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in choice.scores.items())
+        weight = f" (dense weight {choice.weight})" if choice.kind == "hybrid" else ""
+        print(f"rag: first stage {choice.kind}{weight}; calibration nDCG@10: {scores}")
+        self.figures["retriever"] = choice.figures()
+        return choice
+
+    def cross_fitted(self, choice: RetrieverChoice) -> np.ndarray:
+        """Each fit question's first-stage ranking by a retriever trained on the other half of
+        the fit questions only (BM25 needs no training: its own ranking)."""
+        fit = self.fit
+        ranked = np.full((len(fit.records), self.depth), -1, dtype=np.int64)
+        if choice.kind == "bm25":
+            return self.first_stage(self.candidates[self.start], fit.questions, "bm25", None)
+        speeds = []
+        folds = halves(len(fit.records), self.params.seed)
+        for n, (ranked_half, trained_half) in enumerate([folds, folds[::-1]], start=1):
+            model, speed = self.fold_retriever(fit.subset(trained_half).in_corpus(), n)
+            speeds.append(speed)
+            encoder = self.embed_entries(model, self.tokenizer, f"fold {n}")
+            questions = fit.subset(ranked_half).questions
+            rows = self.first_stage(encoder, questions, choice.kind, choice.weight)
+            ranked[ranked_half] = rows
+            del model, encoder
+            gc.collect()
+        self.timings["folds"] = speeds
+        return ranked
+
+    def fold_retriever(self, stated: Questions, n: int) -> tuple[PreTrainedModel, Any]:
+        """A retriever trained as the final one is, on `stated` (half the fit questions)."""
+        model = self.load_start()
+        train = self.fit_pairs(stated)
+        if not train:  # a corpus too small to halve: the fold starts as is
+            return model, None
+        training = Training(contrastive_loss, self.collator(), train, [])
+        digests = map(file_digest, self.checkpoint_inputs())
+        config = (asdict(self.cfg.train), self.params.seed, self.params.device, self.params.fp16)
+        checkpoints = checkpoint_dir(f"rag.fold{n}", *config, [asdict(p) for p in train], *digests)
+        cfg, seed = self.cfg.train, self.params.seed
+        trainer = make_trainer(
+            model, training, cfg, seed, self.device, self.mode, checkpoints, self.params.launch
+        )
+        model = train_resumable(trainer, f"rag: fold {n}")
+        speed = throughput(f"rag: fold {n}", trainer, self.flops_per_token(model), self.device)
+        return model, speed
+
+    def rerank(self, questions: Sequence[str], ranked: np.ndarray) -> np.ndarray:
+        """Each row's top `rag.rerank.candidates` reordered by the trained reranker."""
+        assert self.reranker is not None
+        model, tokenizer = self.reranker
+        texts = [e.text for e in self.kb.entries]
+        cut = ranked[:, : self.cfg.rerank.candidates]
+        return rerank_rows(model, tokenizer, questions, cut, texts, self.cfg.rerank.max_length)[1]
+
+    def train_and_decide_reranker(
+        self, fit_ranked: np.ndarray, calibration_ranked: np.ndarray
+    ) -> None:
+        """Train the reranker on the fit questions (negatives from their cross-fitted ranking),
+        and use it where `rag.rerank.enabled` says (auto: where it pays on calibration)."""
+        cfg = self.cfg.rerank
+        if cfg.enabled == "false":
+            return
+        depth = cfg.candidates
+        fit_rows = self.fit.stated_rows
+        fit = groups(
+            self.fit.in_corpus(), fit_ranked[fit_rows], self.kb.entries, cfg.negatives, depth
+        )
+        stated = self.calibration.in_corpus()
+        held = groups(stated, calibration_ranked, self.kb.entries, cfg.negatives, depth)
+        if not fit:
+            print("rag: rerank: no fit question has a negative to learn from; no reranker")
+            return
+        source = resolve_model(self.params.cpt.model)
+        tokenizer = load_tokenizer(source)
+        digests = [file_digest(p) for p in self.checkpoint_inputs()]
+        model, speed, history = train_reranker(
+            fit,
+            held,
+            source,
+            tokenizer,
+            self.kb.entries,
+            self.params,
+            self.device,
+            self.mode,
+            digests,
+        )
+        self.reranker = (model.eval(), tokenizer)
+        self.timings["rerank"] = speed
+        before = retrieval_scores(gold_ranks(calibration_ranked[:, :depth], stated.golds))
+        after = retrieval_scores(
+            gold_ranks(self.rerank(stated.questions, calibration_ranked), stated.golds)
+        )
+        self.rerank_used = cfg.enabled == "true" or rerank_pays(before, after)
+        losses = [e["loss"] for e in history if "loss" in e]
+        print(
+            f"rag: rerank {'used' if self.rerank_used else 'not used'}: calibration nDCG@10"
+            f" {before['ndcg@10']:.3f} -> {after['ndcg@10']:.3f}"
+        )
+        self.figures["rerank"] = {
+            "used": self.rerank_used,
+            "candidates": depth,
+            "groups": len(fit),
+            "train_loss": round(losses[-1], 6) if losses else None,
+            "calibration": {"before": before, "after": after},
+        }
+
+    # --- the system ----------------------------------------------------------------------------
+
     def save(self, model: PreTrainedModel, output: Path, bm25: bm25s.BM25) -> int:
-        """Everything `CptSftSystem` reads; the generator is the SFT model where the config names
-        it, or, with `rag.reader.enabled`, the SFT model taught to read (`generator/`)."""
+        """Choose the first stage and the reranker, write everything `CptSftSystem` reads, and
+        teach the generator to read (`generator/`) where `rag.reader.enabled`."""
         assert self.index is not None, "rank() builds the index"
+        tuned = Encoder(model, self.tokenizer, self.index, self.embed_per_s)
+        with phase(self.timings, "choose"):
+            self.choice = choice = self.choose_first_stage(tuned)
+        with phase(self.timings, "folds"):
+            fit_ranked = self.cross_fitted(choice)
+        with phase(self.timings, "rerank"):
+            stated = self.calibration.in_corpus()
+            ranked = self.first_stage(tuned, stated.questions, choice.kind, choice.weight)
+            self.train_and_decide_reranker(fit_ranked, ranked)
         output.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output / RETRIEVER_DIR)
         self.tokenizer.save_pretrained(output / RETRIEVER_DIR)
@@ -285,7 +502,7 @@ class CptSftBackend:
         write_entries(output, self.kb.entries)
         config = SystemConfig(
             generator=os.path.relpath(self.sft, output),
-            retriever=self.cfg.retriever,
+            retriever=choice.kind,
             index_type=self.cfg.index,
             top_k=self.cfg.top_k,
             max_length=self.cfg.max_length,
@@ -294,51 +511,146 @@ class CptSftBackend:
             passage=PASSAGE,
             closed_book_prompt=CLOSED_BOOK_PROMPT,
             backend=BACKEND,
+            fusion_weight=choice.weight,
         )
+        if self.rerank_used and self.reranker is not None:
+            reranker, tokenizer = self.reranker
+            reranker.save_pretrained(output / RERANKER_DIR)
+            tokenizer.save_pretrained(output / RERANKER_DIR)
+            config = replace(
+                config,
+                reranker=RERANKER_DIR,
+                rerank_candidates=self.cfg.rerank.candidates,
+                rerank_max_length=self.cfg.rerank.max_length,
+            )
         config.write(output)
         if self.cfg.reader.enabled:
-            self.teach_reader(output, config)
+            self.teach_reader(output, config, fit_ranked)
         return self.index.d
 
-    def teach_reader(self, output: Path, config: SystemConfig) -> None:
-        """Fine-tune the generator on the train questions with the passages the saved system
-        retrieves (`lmpipeline.rag.reader`); save it and point the config at it."""
+    def teach_reader(self, output: Path, config: SystemConfig, fit_ranked: np.ndarray) -> None:
+        """Fine-tune the generator on the fit questions with their cross-fitted passages
+        (`lmpipeline.rag.reader`), save it and point the config at it; calibrate its refusal
+        on the calibration questions, then teach it those questions too (the refit)."""
+        refuse = self.cfg.reader.refuse
+        with phase(self.timings, "reader"):
+            records = self.reader_examples(output, config, self.fit, fit_ranked)
+            config = replace(
+                config,
+                generator=GENERATOR_DIR,
+                closed_book_generator=os.path.relpath(self.sft, output),
+                refusal=ABSENT_ANSWER if refuse else None,
+            )
+            history = self.train_reader(records, self.sft, output, config, "rag.reader")
         system = CptSftSystem.load(output, config, self.params.device)
-        ranked = system.rank(self.all_train.questions, MINE_DEPTH)[1]
-        tokenizer, budget = system.generator_tokenizer, system.prompt_budget()
+        ranked = system.rank(self.calibration.questions, self.depth)[1]
+        if refuse:
+            with phase(self.timings, "calibrate"):
+                config = self.calibrate(output, config, system, ranked)
         del system
-        cfg = self.cfg.reader
-        share = cfg.absent_share if cfg.absent_rule == "fixed" else 1.0 - self.start_recall
-        records = reader_records(
-            self.all_train,
+        gc.collect()
+        # Every train question teaches the reader in the end; the threshold, decided before,
+        # stays (as a calibrated classifier is refit on all its data once calibrated).
+        with phase(self.timings, "refit"):
+            refit = self.reader_examples(output, config, self.calibration, ranked)
+            if refit:
+                self.train_reader(refit, output / GENERATOR_DIR, output, config, "rag.refit")
+        losses = [e["loss"] for e in history if "loss" in e]
+        absent = [r["response"] == ABSENT_ANSWER for r in records + refit]
+        self.figures["reader"] = {
+            "examples": len(records) + len(refit),
+            "absent": sum(absent),
+            "refit_examples": len(refit),
+            "train_loss": round(losses[-1], 6) if losses else None,
+        }
+
+    def reader_examples(
+        self, output: Path, config: SystemConfig, questions: Questions, ranked: np.ndarray
+    ) -> list[dict[str, str]]:
+        """`reader_records` of `questions` with their passages from `ranked`, fitted to the
+        generator's context as `ask` fits them."""
+        tokenizer, _ = load_chat_tokenizer(self.sft)
+        budget = CptSftSystem.prompt_budget_of(self.sft, config)
+        return reader_records(
+            questions,
             ranked,
             self.kb.entries,
             config,
             tokenizer,
             budget,
-            share,
+            self.cfg.reader.refuse,
             self.params.seed,
         )
-        inputs = sorted(self.sft.glob("*.safetensors"))
+
+    def train_reader(
+        self,
+        records: list[dict[str, str]],
+        start: Path,
+        output: Path,
+        config: SystemConfig,
+        family: str,
+    ) -> list[dict[str, Any]]:
+        """Train the causal LM in `start` on `records`, save it as the generator, write
+        `config`; its loss log (its speed goes into the timings under `family`)."""
+        tokenizer, _ = load_chat_tokenizer(self.sft)
+        inputs = sorted(start.glob("*.safetensors"))
         generator, speed, history = teach_reader(
-            records, self.sft, tokenizer, self.params, self.device, self.mode, inputs
+            records, start, tokenizer, self.params, self.device, self.mode, inputs, family
         )
-        generator.save_pretrained(output / GENERATOR_DIR)
-        tokenizer.save_pretrained(output / GENERATOR_DIR)
-        replace(
-            config,
-            generator=GENERATOR_DIR,
-            closed_book_generator=os.path.relpath(self.sft, output),
-        ).write(output)
-        losses = [e["loss"] for e in history if "loss" in e]
-        absent = sum(r["response"] == ABSENT_ANSWER for r in records)
-        self.reader = {
-            "examples": len(records),
-            "absent_share": round(share, 6),
-            "absent": absent,
-            "train_loss": round(losses[-1], 6) if losses else None,
-        }
-        self.timings["reader"] = speed
+        # Written beside, then swapped in: `start` may be the generator directory itself, whose
+        # files the loaded model may still map.
+        staged = output / f"{GENERATOR_DIR}.new"
+        shutil.rmtree(staged, ignore_errors=True)
+        generator.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        shutil.rmtree(output / GENERATOR_DIR, ignore_errors=True)
+        staged.rename(output / GENERATOR_DIR)
+        config.write(output)
+        self.timings[family.removeprefix("rag.")] = speed
+        del generator
+        gc.collect()
+        return history
+
+    def calibrate(
+        self, output: Path, config: SystemConfig, system: CptSftSystem, ranked: np.ndarray
+    ) -> SystemConfig:
+        """The refusal threshold (`decisions.calibrate_refusal`) on the calibration questions,
+        answered as the saved `system` answers them (`ranked`: its ranking of them); written
+        into the config."""
+        questions, k = self.calibration, config.top_k
+        found = [[self.kb.entries[e] for e in row[:k] if e >= 0] for row in ranked]
+        budget, tokenizer = system.prompt_budget(), system.generator_tokenizer
+        prompts = [
+            fitted_prompt(config, q, [Hit(e, 0.0) for e in f], tokenizer, budget)
+            for q, f in zip(questions.questions, found, strict=True)
+        ]
+        # The threshold is not set yet: every output is the best answer that is not the refusal.
+        size = self.cfg.batch_size
+        read = [o for i in range(0, len(prompts), size) for o in system.read(prompts[i : i + size])]
+        answers, logprobs = [a for a, _ in read], [float(lp or 0.0) for _, lp in read]
+        shown = [[int(e) for e in row[:k] if e >= 0] for row in ranked]
+        calibration = calibrate_refusal(questions, shown, logprobs, answers)
+        threshold = None if calibration.threshold is None else round(calibration.threshold, 6)
+        config = replace(config, refusal_threshold=threshold)
+        config.write(output)
+        self.figures["refusal"] = {"threshold": threshold, "calibration": calibration.figures}
+        print(f"rag: refusal threshold {threshold}; calibration {calibration.figures}")
+        return config
+
+    def final_ranks(self, questions: Sequence[str], dense: np.ndarray) -> dict[str, np.ndarray]:
+        """The held-out rankings besides the dense one, as metrics name them: BM25; the hybrid
+        (the one used, else the best of calibration); the first stage used, reranked (where a
+        reranker was trained); and `system`, what the saved system retrieves."""
+        assert self.choice is not None
+        choice, n = self.choice, len(self.kb.entries)
+        lexical = bm25_search(self.kb.bm25, questions, n)[1]
+        weight = choice.weight if choice.kind == "hybrid" else choice.best_hybrid
+        out = {"bm25": lexical, "hybrid": hybrid(dense, lexical, n, n, weight)[1]}
+        first = {"dense": dense, **out}[choice.kind]
+        if self.reranker is not None:
+            out["reranked"] = self.rerank(questions, first)
+        out["system"] = out["reranked"] if self.rerank_used else first
+        return out
 
     def flops_per_token(self, model: PreTrainedModel) -> float:
         """6 x the encoder's non-embedding parameters per question or entry token."""

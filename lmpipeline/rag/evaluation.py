@@ -1,7 +1,8 @@
 """The scores of `metrics/rag.json`, whichever backend built the system: retrieval over the
 held-out questions whose answer a chunk of the corpus states, closed-book and retrieval-augmented
-answers (EM, F1, ROUGE-L, supported, refused) through the system `ask` loads for every held-out
-question, the latency of both, the recall@k curves and one prediction record per question."""
+answers (EM, F1, ROUGE-L, supported, refused; for the latter also the share of prompts lacking the
+answer) through the system `ask` loads for every held-out question, the latency of both, the
+recall@k curves and one prediction record per question."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lmpipeline.metrics import (
 )
 from lmpipeline.params import RagParams
 from lmpipeline.rag.knowledge import Entry, KnowledgeBase, Questions
+from lmpipeline.rag.refusal import f1_with_refusals
 from lmpipeline.rag.system import ABSENT_ANSWER, Answer, System
 from lmpipeline.training import write_curves
 
@@ -46,6 +48,7 @@ def prediction_record(
     record: dict[str, Any], gold: list[Entry], closed_book: str, answer: Answer
 ) -> dict[str, Any]:
     reference, given = record["answer"], [h.entry.text for h in answer.passages]
+    shown = {h.entry.id for h in answer.passages}
     return {
         "question": record["question"],
         "reference": reference,
@@ -59,6 +62,10 @@ def prediction_record(
             "answer": answer.text,
             "f1": round(token_f1(answer.text, reference), 4),
             "supported": round(support(answer.text, given), 4),
+            "lacking": not shown & {e.id for e in gold},  # no passage given states the answer
+            "refusal_logprob": None
+            if answer.refusal_logprob is None
+            else round(answer.refusal_logprob, 4),
             "passages": [
                 {"id": h.entry.id, "score": round(h.score, 4), "text": h.entry.text}
                 for h in answer.passages
@@ -88,7 +95,10 @@ def scores_of(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     the question: how much of each answer those passages hold. `supported` averages it over every
     answer, a refusal counting 0; `supported_answered` only over the answers that are not the
     refusal (a refusal states nothing to check: RAGAS leaves its faithfulness undefined), and
-    `refused` is their share, so that neither hides the other."""
+    `refused` is their share, so that neither hides the other. For RAG answers, `lacking` is the
+    share of prompts whose passages hold no gold entry (refusals above it are over-refusal), and
+    `f1_with_refusals` the F1 in which a refusal scores 1 where the passages lack the answer and
+    0 where they hold it (SQuAD 2.0's rule; the plain `f1` counts every refusal 0)."""
     references = [r["reference"] for r in records]
     out = {}
     for mode in ("closed_book", "rag"):
@@ -101,6 +111,15 @@ def scores_of(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             "supported_answered": mean(stated),
             "refused": mean([refused(a["answer"]) for a in answers]),
         }
+    rag = [r["rag"] for r in records]
+    lacking = [r["lacking"] for r in rag]
+    out["rag"]["lacking"] = mean(lacking)
+    out["rag"]["f1_with_refusals"] = round(
+        f1_with_refusals(
+            [r["answer"] for r in rag], references, [refused(r["answer"]) for r in rag], lacking
+        ),
+        6,
+    )
     return out
 
 
@@ -113,11 +132,16 @@ def evaluate_answers(
     prints (a test holds the two to the same answers). The latency a user waits is measured
     apart, with `ask` on the first `LATENCY_SAMPLE` questions one at a time."""
     questions = held_out.questions
-    retrieve_s = []
+    retrieve_s, first_stage_s = [], []
+    first_stage = getattr(system, "first_stage", None)  # cpt-sft: before any reranking
     for q in questions:
         start = time.perf_counter()
         system.retrieve(q)
         retrieve_s.append(time.perf_counter() - start)
+        if first_stage is not None:
+            start = time.perf_counter()
+            first_stage([q], system.config.top_k)
+            first_stage_s.append(time.perf_counter() - start)
     closed = system.closed_book(questions, cfg.batch_size)
     start = time.perf_counter()
     answered = system.ask_many(questions, cfg.batch_size)
@@ -140,7 +164,8 @@ def evaluate_answers(
             f"rag: answers {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in scores[name].items())
         )
     latency = {
-        "retrieve_ms_p50": p50_ms(retrieve_s),
+        "retrieve_ms_p50": p50_ms(retrieve_s),  # what `ask` retrieves with, reranking included
+        "first_stage_ms_p50": p50_ms(first_stage_s or retrieve_s),
         "answer_ms_p50": p50_ms(answer_s),
         "answer_all_s": round(answer_all_s, 1),  # every held-out question, batched
     }

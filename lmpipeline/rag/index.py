@@ -192,24 +192,45 @@ def search(index: faiss.Index, queries: np.ndarray, depth: int) -> tuple[np.ndar
 # --- lexical and hybrid retrieval --------------------------------------------------------------
 
 
-def fuse(rankings: Sequence[np.ndarray], n_entries: int, depth: int) -> tuple[np.ndarray, ...]:
-    """Reciprocal-rank fusion: each ranking gives 1 / (RRF_K + rank) to the entries it lists.
-    Entries that no ranking lists come last as -1 (not found)."""
+def fuse(
+    rankings: Sequence[np.ndarray],
+    n_entries: int,
+    depth: int,
+    weights: Sequence[float] | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Reciprocal-rank fusion: each ranking gives weight / (RRF_K + rank) to the entries it lists
+    (weight 1 each by default: plain RRF). Entries that no ranking lists come last as -1."""
     fused = np.zeros((len(rankings[0]), n_entries))
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
         rows, cols = np.nonzero(ranking >= 0)
-        np.add.at(fused, (rows, ranking[rows, cols]), 1.0 / (RRF_K + cols + 1))
+        np.add.at(fused, (rows, ranking[rows, cols]), weight / (RRF_K + cols + 1))
     order = np.argsort(-fused, axis=1, kind="stable")[:, :depth]
     scores = np.take_along_axis(fused, order, axis=1)
     return scores, np.where(scores > 0, order, -1)
 
 
-def lexical_ranks(
-    bm25: bm25s.BM25, n_entries: int, questions: Sequence[str], dense: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The full BM25 and hybrid rankings of the `n_entries` entries for `questions`.
+def hybrid_weights(weight: float) -> tuple[float, float]:
+    """The fusion weights of the dense and the BM25 ranking for a dense share `weight`: 0.5 is
+    plain RRF (both 1), so its scores are those of unweighted fusion."""
+    return 2 * weight, 2 * (1 - weight)
 
-    The hybrid fuses each retriever's top CANDIDATES, exactly as a system answering does."""
+
+def hybrid(
+    dense: np.ndarray, lexical: np.ndarray, n_entries: int, depth: int, weight: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, entry indices) of the fusion of each retriever's top CANDIDATES, exactly as a
+    system answering does."""
+    rankings = [dense[:, :CANDIDATES], lexical[:, :CANDIDATES]]
+    return fuse(rankings, n_entries, depth, hybrid_weights(weight))
+
+
+def lexical_ranks(
+    bm25: bm25s.BM25,
+    n_entries: int,
+    questions: Sequence[str],
+    dense: np.ndarray,
+    weight: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The full BM25 and hybrid rankings of the `n_entries` entries for `questions`."""
     lexical = bm25_search(bm25, questions, n_entries)[1]
-    fused = fuse([dense[:, :CANDIDATES], lexical[:, :CANDIDATES]], n_entries, n_entries)
-    return lexical, fused[1]
+    return lexical, hybrid(dense, lexical, n_entries, n_entries, weight)[1]

@@ -22,6 +22,7 @@ A question's gold entries are the chunks that state its answer, decided from the
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -174,8 +175,23 @@ class Questions:
     golds: list[list[int]]
 
     def in_corpus(self) -> Questions:
-        kept = [n for n, g in enumerate(self.golds) if g]
-        return Questions([self.records[n] for n in kept], [self.golds[n] for n in kept])
+        return self.subset(self.stated_rows)
+
+    @property
+    def stated_rows(self) -> list[int]:
+        """The positions of the questions whose answer a chunk states."""
+        return [n for n, g in enumerate(self.golds) if g]
+
+    def subset(self, rows: Sequence[int]) -> Questions:
+        return Questions([self.records[n] for n in rows], [self.golds[n] for n in rows])
+
+    def split(self, fraction: float, seed: int) -> tuple[Questions, Questions]:
+        """(the rest, a share `fraction` of the questions drawn with `seed`), both in file
+        order; each keeps at least one question where there are two."""
+        n = len(self.records)
+        drawn = random.Random(f"calibration-{seed}").sample(range(n), n)
+        k = min(max(round(fraction * n), 1), n - 1) if n > 1 else 0
+        return self.subset(sorted(drawn[k:])), self.subset(sorted(drawn[:k]))
 
     @property
     def questions(self) -> list[str]:

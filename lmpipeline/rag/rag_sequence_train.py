@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, RagSequenceForGeneration, RagTokenizer
 from lmpipeline.errors import SetupError
 from lmpipeline.params import RagParams
 from lmpipeline.rag.backend import Training
-from lmpipeline.rag.index import build_index, search
+from lmpipeline.rag.index import build_index, lexical_ranks, search
 from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.rag_sequence import (
     BACKEND,
@@ -164,6 +164,12 @@ class RagSequenceBackend:
             model=MODEL_DIR,
         ).write(output)
         return self.index.d
+
+    def final_ranks(self, questions: Sequence[str], dense: np.ndarray) -> dict[str, np.ndarray]:
+        """BM25 and the even hybrid beside the question encoder's ranking, which the system
+        uses."""
+        lexical, fused = lexical_ranks(self.kb.bm25, len(self.kb.entries), questions, dense)
+        return {"bm25": lexical, "hybrid": fused, "system": dense}
 
     def flops_per_token(self, model: PreTrainedModel) -> None:
         """None: a step's work is the generator's over top_k retrieved entries per question,

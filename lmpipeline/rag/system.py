@@ -9,6 +9,7 @@ it needs nothing else from the training run.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,7 +25,9 @@ from lmpipeline.rag.knowledge import PASSAGES_FILE, Entry, read_entries
 CONFIG_FILE = "config.json"
 INDEX_FILE = "index.faiss"
 REBUILD = "`dvc checkout output/rag` restores the built system, `dvc repro rag` rebuilds it"
-INT_FIELDS = ("top_k", "max_length", "max_new_tokens")
+INT_FIELDS = ("top_k", "max_length", "max_new_tokens")  # required
+OPTIONAL_INT_FIELDS = ("rerank_candidates", "rerank_max_length")
+FLOAT_FIELDS = ("fusion_weight", "refusal_threshold")
 # What a cpt-sft generator taught to read says when the passages given do not hold the answer.
 ABSENT_ANSWER = "The passages do not say."
 
@@ -52,6 +55,12 @@ class SystemConfig:
     backend: str = "cpt-sft"
     model: str | None = None  # rag-sequence: the RAG model's directory, relative
     closed_book_generator: str | None = None  # cpt-sft: if not the generator (a taught reader)
+    fusion_weight: float | None = None  # hybrid: the dense ranking's share of the fusion
+    reranker: str | None = None  # cpt-sft: the cross-encoder's directory, relative; None: none
+    rerank_candidates: int | None = None  # first-stage passages the reranker reorders
+    rerank_max_length: int | None = None  # tokens of a question and a passage together
+    refusal: str | None = None  # cpt-sft: what the reader was taught to say without an answer
+    refusal_threshold: float | None = None  # refuse above this log-likelihood; None: never
 
     def write(self, directory: Path) -> None:
         fields = {k: v for k, v in asdict(self).items() if v is not None}
@@ -81,16 +90,28 @@ def checked_config(raw: Any, path: Path) -> dict[str, Any]:
     if missing := sorted(f for f in ("retriever", "index_type", *INT_FIELDS) if f not in raw):
         raise broken(path, f"missing key {missing[0]!r}")
     for key, value in raw.items():
-        number = key in INT_FIELDS
-        ok = (
-            (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-            if number
-            else (value is None or isinstance(value, str))
-        )
-        if not ok:
-            kind = "a positive integer" if number else "a string"
+        if not field_ok(key, value):
+            kind = (
+                "a positive integer"
+                if key in (*INT_FIELDS, *OPTIONAL_INT_FIELDS)
+                else "a finite number"
+                if key in FLOAT_FIELDS
+                else "a string"
+            )
             raise broken(path, f"{key} must be {kind}, got {value!r:.40}")
+    if not 0 <= raw.get("fusion_weight", 0) <= 1:
+        raise broken(path, f"fusion_weight must be in [0, 1], got {raw['fusion_weight']!r}")
     return raw
+
+
+def field_ok(key: str, value: Any) -> bool:
+    """Whether a config.json value has its field's type (JSON numbers, strings or null)."""
+    if key in INT_FIELDS or (key in OPTIONAL_INT_FIELDS and value is not None):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if key in FLOAT_FIELDS and value is not None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    return value is None or isinstance(value, str)
 
 
 def model_dir(directory: Path, ref: str | None, key: str) -> Path:
@@ -152,6 +173,7 @@ class Answer:
     question: str
     text: str
     passages: list[Hit]
+    refusal_logprob: float | None = None  # the reader's log-likelihood of its refusal, if taught
 
 
 def hits(entries: Sequence[Entry], scores: np.ndarray, ids: np.ndarray) -> list[Hit]:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import (
+    BatchEncoding,
+    Cache,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -131,9 +134,12 @@ class StreamedGeneration(Generation):
         passages: list[Hit],
         release: Callable[[], None],
         stopping: threading.Event,
+        processors: LogitsProcessorList | None = None,
+        cache: Cache | None = None,
     ) -> None:
         super().__init__(passages=passages, prompt_tokens=len(ids), release=release)
         self.stopping, self.deadline = stopping, request.deadline
+        self.processors, self.cache = processors, cache  # the prompt read already, if it was
         self.cancelled = threading.Event()  # the request is over (its client left)
         self.error: Exception | None = None
         self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -172,6 +178,8 @@ class StreamedGeneration(Generation):
                 top_p=None,
                 top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
+                logits_processor=self.processors,
+                cache=self.cache,
                 streamer=self.streamer,
                 stopping_criteria=StoppingCriteriaList([Interrupt(self.should_stop)]),
             )
@@ -264,10 +272,31 @@ class CptSftEngine(Engine):
             self.sft = (model, load_chat_tokenizer(system.closed_book_dir)[0])
 
     def start(self, request: ChatRequest, question: str) -> Generation:
+        processors, cache = None, None
         if request.model == "rag":
             model, tokenizer = self.system.generator, self.system.generator_tokenizer
             passages = self.system.retrieve(question)
             ids = self.reader_prompt(question, passages, request.max_tokens)
+            # Refused or not is decided before the first token, so a stream is never retracted;
+            # the prompt read to decide it is not read again to answer.
+            batch = BatchEncoding(
+                {
+                    "input_ids": torch.tensor([ids]),
+                    "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                }
+            )
+            (refused,), read = self.system.prefill(batch)
+            if refused:
+                refusal = self.system.config.refusal or ""
+                return WholeAnswer(
+                    passages=passages,
+                    prompt_tokens=len(ids),
+                    completion_tokens=len(tokenizer(refusal)["input_ids"]),
+                    release=self.lock.release,
+                    answer=refusal,
+                )
+            processors = self.system.processors(len(ids))
+            cache = read.cache if read else None
         else:
             model, tokenizer = self.sft
             passages, ids = [], self.chat_prompt(request.messages)
@@ -279,7 +308,15 @@ class CptSftEngine(Engine):
                     "messages",
                 )
         return StreamedGeneration(
-            model, tokenizer, ids, request, passages, self.lock.release, self.stopping
+            model,
+            tokenizer,
+            ids,
+            request,
+            passages,
+            self.lock.release,
+            self.stopping,
+            processors,
+            cache,
         )
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
