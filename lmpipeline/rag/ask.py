@@ -37,6 +37,14 @@ def load_system(path: Path | str = "output/rag", device: str = "auto") -> System
     return SYSTEMS[config.backend].load(path, config, device)
 
 
+def retrieval(config: SystemConfig) -> str:
+    """How the system retrieves, in words: "hybrid retrieval (dense weight 0.5) reranked"."""
+    words = f"{config.retriever} retrieval"
+    if config.fusion_weight is not None:
+        words += f" (dense weight {config.fusion_weight})"
+    return words + (" reranked" if config.reranker else "")
+
+
 def top_k(text: str) -> int:
     """--top-k: a whole number of passages, at least one."""
     try:
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     answer = system.ask(args.question, args.top_k)
     took = time.perf_counter() - start
     print(answer.text)
-    print(f"\n({took:.2f} s; {system.config.retriever} retrieval, passages used:)")
+    print(f"\n({took:.2f} s; {retrieval(system.config)}, passages used:)")
     for hit in answer.passages:
         words = hit.entry.text.split()
         preview = " ".join(words[:PREVIEW_WORDS]) + (" ..." if len(words) > PREVIEW_WORDS else "")
