@@ -24,6 +24,9 @@ from typing import Any
 OFF = "rag.reader.enabled=false"
 ABLATIONS: dict[str, list[str]] = {
     "default": [],
+    "reader never taught to refuse": ["rag.reader.refuse=false"],
+    "dense retriever, whatever calibration says": ["rag.retriever=dense"],
+    "reranker where calibration says it pays": ["rag.rerank.enabled=auto"],
     "generator adapted to the corpus first (cpt_lm)": ["cpt_lm.enabled=true"],
     "generator not taught to read": [OFF],
     "untaught, in-batch negatives only": [OFF, "rag.train.hard_negatives=0"],

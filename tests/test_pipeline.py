@@ -151,7 +151,10 @@ def test_repro_runs_every_stage_then_nothing(repo: Path) -> None:
         "index",
         "train",
         "start",
+        "train_questions",
+        "retriever",
         "reader",
+        "refusal",
     }
     assert (repo / "output/rag/index.faiss").is_file()
     for stage in (
@@ -244,7 +247,7 @@ def test_rag_sequence_backend_is_an_experiment_of_the_rag_stage_only(
             "rag-sequence"
         )
         rag = json.loads((repo / "metrics/rag.json").read_text())
-        assert set(rag["retrieval"]) == {"base", "finetuned", "bm25", "hybrid"}
+        assert set(rag["retrieval"]) == {"base", "finetuned", "bm25", "hybrid", "system"}
         diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)["metrics/rag.json"]
         assert diff["retrieval.cpt.mrr"]["new"] is None  # no CPT retriever in this backend
         assert "retrieval.base.mrr" in diff  # DPR's question encoder, not the CPT base encoder

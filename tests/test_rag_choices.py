@@ -281,3 +281,18 @@ def test_the_refusal_is_scored_on_the_tokens_the_reader_was_taught() -> None:
     taught = refusal.response_ids(tokenizer, "the model learns")
     words = tokenizer("the model learns", add_special_tokens=False)["input_ids"]
     assert taught[: len(words)] == words and len(taught) > len(words)  # and the end of turn
+
+
+def test_a_prompt_leaves_room_for_the_refusal_read_after_it(
+    watched: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """The refusal's likelihood is read after the prompt: where it is longer than the answers
+    (4 tokens here), the prompt is fitted to leave room for it, or a model with learned
+    positions (GPT-2) would index past its last one."""
+    root, _ = watched
+    system = ask.load_system(root / "output/rag", "cpu")
+    assert isinstance(system, cpt_sft.CptSftSystem) and system.refusal_ids is not None
+    context = system.generator.config.max_position_embeddings
+    assert system.config.max_new_tokens < len(system.refusal_ids)
+    assert system.prompt_budget() == context - len(system.refusal_ids)
+    assert system.prompt_budget(64) == context - 64

@@ -54,14 +54,15 @@ def test_metrics_have_the_default_backends_structure(built: tuple[Path, dict]) -
     root, metrics = built
     assert set(metrics) == {"questions", "retrieval", "answers", "index", "train"}
     assert metrics["questions"] == {"held_out": 2, "in_corpus": 1, "not_in_corpus": 1}
-    assert set(metrics["retrieval"]) == {"base", "finetuned", "bm25", "hybrid"}
+    assert set(metrics["retrieval"]) == {"base", "finetuned", "bm25", "hybrid", "system"}
+    assert metrics["retrieval"]["system"] == metrics["retrieval"]["finetuned"]  # what it retrieves
     for scores in metrics["retrieval"].values():
-        assert set(scores) == {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}
+        assert set(scores) == {"recall@1", "recall@3", "recall@5", "recall@10", "mrr", "ndcg@10"}
         assert 0.0 <= scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
     scores = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
     assert {k: set(v) for k, v in metrics["answers"].items()} == {
         "closed_book": scores,
-        "rag": scores,
+        "rag": scores | {"lacking", "f1_with_refusals"},
         "not_in_corpus": {"questions", "closed_book", "rag"},
     }
     # The same knowledge base as the default backend: the passages' chunks and nothing else.

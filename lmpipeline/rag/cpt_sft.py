@@ -109,10 +109,18 @@ def fitted_prompt(
         question = " ".join(words[: len(words) - over])  # a word is at least a token
 
 
-def budget_of(model_config: PretrainedConfig, config: SystemConfig) -> int | None:
-    """Tokens a prompt may take: the generator's context less the answer's (None: no bound)."""
+def budget_of(model_config: PretrainedConfig, room: int) -> int | None:
+    """Tokens a prompt may take: the generator's context less `room` for what follows it (None:
+    no bound)."""
     context = getattr(model_config, "max_position_embeddings", None)
-    return context - config.max_new_tokens if context else None
+    return context - room if context else None
+
+
+def room_after(config: SystemConfig, tokenizer: PreTrainedTokenizerBase, answer: int) -> int:
+    """The tokens to keep after a prompt: an answer of `answer` tokens, or the refusal, whose
+    likelihood is read right after the prompt, if it is longer."""
+    refusal = len(response_ids(tokenizer, config.refusal)) if config.refusal else 0
+    return max(answer, refusal)
 
 
 class CptSftSystem:
@@ -204,14 +212,21 @@ class CptSftSystem:
             model = load_causal_lm(self.closed_book_dir, self.generator.device).eval()
         return generate(model, tokenizer, prompts, self.config.max_new_tokens, batch_size)
 
-    def prompt_budget(self) -> int | None:
-        """Tokens the prompt may take: the generator's context less the answer's."""
-        return budget_of(self.generator.config, self.config)
+    def prompt_budget(self, answer: int | None = None) -> int | None:
+        """Tokens the prompt may take: the generator's context less an answer's (`answer`
+        tokens, by default the config's) or the refusal's."""
+        room = room_after(
+            self.config, self.generator_tokenizer, answer or self.config.max_new_tokens
+        )
+        return budget_of(self.generator.config, room)
 
     @staticmethod
-    def prompt_budget_of(generator: Path, config: SystemConfig) -> int | None:
+    def prompt_budget_of(
+        generator: Path, config: SystemConfig, tokenizer: PreTrainedTokenizerBase
+    ) -> int | None:
         """`prompt_budget` of the generator in directory `generator`, without loading it."""
-        return budget_of(AutoConfig.from_pretrained(generator, trust_remote_code=False), config)
+        model_config = AutoConfig.from_pretrained(generator, trust_remote_code=False)
+        return budget_of(model_config, room_after(config, tokenizer, config.max_new_tokens))
 
     def prefill(self, batch: BatchEncoding) -> tuple[list[bool], Prefilled | None]:
         """Whether to refuse each prompt of a left-padded batch (its refusal's log-likelihood

@@ -533,14 +533,14 @@ class CptSftBackend:
         (`lmpipeline.rag.reader`), save it and point the config at it; calibrate its refusal
         on the calibration questions, then teach it those questions too (the refit)."""
         refuse = self.cfg.reader.refuse
+        config = replace(
+            config,
+            generator=GENERATOR_DIR,
+            closed_book_generator=os.path.relpath(self.sft, output),
+            refusal=ABSENT_ANSWER if refuse else None,
+        )
         with phase(self.timings, "reader"):
-            records = self.reader_examples(output, config, self.fit, fit_ranked)
-            config = replace(
-                config,
-                generator=GENERATOR_DIR,
-                closed_book_generator=os.path.relpath(self.sft, output),
-                refusal=ABSENT_ANSWER if refuse else None,
-            )
+            records = self.reader_examples(config, self.fit, fit_ranked)
             history = self.train_reader(records, self.sft, output, config, "rag.reader")
         system = CptSftSystem.load(output, config, self.params.device)
         ranked = system.rank(self.calibration.questions, self.depth)[1]
@@ -552,7 +552,7 @@ class CptSftBackend:
         # Every train question teaches the reader in the end; the threshold, decided before,
         # stays (as a calibrated classifier is refit on all its data once calibrated).
         with phase(self.timings, "refit"):
-            refit = self.reader_examples(output, config, self.calibration, ranked)
+            refit = self.reader_examples(config, self.calibration, ranked)
             if refit:
                 self.train_reader(refit, output / GENERATOR_DIR, output, config, "rag.refit")
         losses = [e["loss"] for e in history if "loss" in e]
@@ -565,12 +565,12 @@ class CptSftBackend:
         }
 
     def reader_examples(
-        self, output: Path, config: SystemConfig, questions: Questions, ranked: np.ndarray
+        self, config: SystemConfig, questions: Questions, ranked: np.ndarray
     ) -> list[dict[str, str]]:
         """`reader_records` of `questions` with their passages from `ranked`, fitted to the
         generator's context as `ask` fits them."""
         tokenizer, _ = load_chat_tokenizer(self.sft)
-        budget = CptSftSystem.prompt_budget_of(self.sft, config)
+        budget = CptSftSystem.prompt_budget_of(self.sft, config, tokenizer)
         return reader_records(
             questions,
             ranked,

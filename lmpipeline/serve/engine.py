@@ -327,9 +327,9 @@ class CptSftEngine(Engine):
         return encode_turns(tokenizer, rendered, [m["content"] for m in messages])
 
     def reader_prompt(self, question: str, passages: list[Hit], max_tokens: int) -> list[int]:
-        """The system's prompt with passages, shortened to leave `max_tokens` for the answer."""
-        tokenizer, context = self.system.generator_tokenizer, context_of(self.system.generator)
-        budget = context - max_tokens if context else None
+        """The system's prompt with passages, shortened to leave `max_tokens` for the answer
+        (or the refusal, whose likelihood is read after it, if longer)."""
+        tokenizer, budget = self.system.generator_tokenizer, self.system.prompt_budget(max_tokens)
         try:
             prompt = cpt_sft.fitted_prompt(
                 self.system.config, question, passages, tokenizer, budget
