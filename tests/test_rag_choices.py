@@ -199,9 +199,7 @@ def test_no_held_out_record_reaches_the_reader_the_reranker_or_any_choice(
     records = [r for args, _ in seen["teach_reader"] for r in args[0]]
     metrics = json.loads((root / "metrics/rag.json").read_text())
     assert len(seen["teach_reader"]) == 2
-    assert len(records) == metrics["reader"]["examples"] == sum(
-        metrics["train_questions"].values()
-    )
+    assert len(records) == metrics["reader"]["examples"] == sum(metrics["train_questions"].values())
     inputs = {
         "reader examples": records,
         "reranker groups": seen["train_reranker"][0][0][:2],
