@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from lmpipeline.data import file_digest
 from lmpipeline.metrics import gold_ranks
-from lmpipeline.params import LaunchParams, Params, RagTrainingParams
+from lmpipeline.params import LaunchParams, Params, TrainingParams
 from lmpipeline.rag.evaluation import print_retrieval, score_system
 from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.system import System
@@ -128,15 +128,15 @@ def phase(timings: dict[str, Any], name: str) -> Iterator[None]:
 def make_trainer(
     model: PreTrainedModel,
     training: Training,
-    cfg: RagTrainingParams,
+    cfg: TrainingParams,
     seed: int,
     device: torch.device,
     mode: str | None,
     checkpoints: Path,
     launch: LaunchParams = LaunchParams(),
 ) -> StageTrainer:
-    """The Trainer of every backend's fine-tuning: the backend's loss over shuffled train items,
-    its held-out loss as eval."""
+    """The Trainer of the stage's fine-tunings (every backend's; cpt-sft's folds and reranker):
+    the loss over shuffled train items, the loss over `training.held_out` as eval."""
     batches = [
         training.collator(training.held_out[i : i + cfg.batch_size])
         for i in range(0, len(training.held_out), cfg.batch_size)

@@ -26,18 +26,10 @@ from transformers import (
 
 from lmpipeline.models import ModelSource, load_model, quietly
 from lmpipeline.params import Params
+from lmpipeline.rag.backend import Training, make_trainer
 from lmpipeline.rag.knowledge import Entry, Questions, silent_on
 from lmpipeline.rag.rerank import pair_inputs
-from lmpipeline.training import (
-    EpochSampler,
-    LossParts,
-    StageTrainer,
-    checkpoint_dir,
-    score,
-    throughput,
-    train_resumable,
-    training_args,
-)
+from lmpipeline.training import LossParts, checkpoint_dir, throughput, train_resumable
 
 
 @dataclass(frozen=True)
@@ -105,7 +97,7 @@ def listwise_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Lo
 
 def train_reranker(
     fit: list[Group],
-    dev: list[Group],
+    calibration: list[Group],
     source: ModelSource,
     tokenizer: PreTrainedTokenizerBase,
     entries: Sequence[Entry],
@@ -114,25 +106,16 @@ def train_reranker(
     mode: str | None,
     inputs: Sequence[str],
 ) -> tuple[PreTrainedModel, dict, list[dict]]:
-    """The cross-encoder fine-tuned on the `fit` groups (`dev`: its held-out loss); its training
-    speed and loss log. `inputs` are what a resumed run must share (digests)."""
+    """The cross-encoder fine-tuned on the `fit` groups (`calibration`: its eval loss); its
+    training speed and loss log. `inputs` are what a resumed run must share (digests)."""
     cfg = params.rag.rerank
     with quietly():  # the one-logit head is new: that is the point
         model = load_model(AutoModelForSequenceClassification, source, num_labels=1).to(device)
     collate = GroupCollator(tokenizer, entries, cfg.max_length)
-    batches = [collate(dev[i : i + cfg.batch_size]) for i in range(0, len(dev), cfg.batch_size)]
+    training = Training(listwise_loss, collate, fit, calibration)
     config = (asdict(cfg), params.seed, params.device, params.fp16, [asdict(g) for g in fit])
     out = checkpoint_dir("rag.rerank", *config, *inputs)
-    trainer = StageTrainer(
-        model=model,
-        args=training_args(cfg, params.seed, device, mode, out, len(fit), params.launch),
-        train_dataset=fit,
-        eval_dataset=batches,
-        data_collator=collate,
-        loss_fn=listwise_loss,
-        eval_fn=lambda m: {"eval_loss": score(listwise_loss, m, batches)[0]} if batches else {},
-        sampler=EpochSampler(len(fit), params.seed),
-    )
+    trainer = make_trainer(model, training, cfg, params.seed, device, mode, out, params.launch)
     model = train_resumable(trainer, "rag: rerank")
     flops = 6.0 * model.num_parameters(exclude_embeddings=True)
     speed = throughput("rag: rerank", trainer, flops, device)
