@@ -397,9 +397,10 @@ class RagParams:
     """Encoder tokens per question or entry; longer ones are truncated."""
     retriever: str = "auto"
     """What the final system retrieves with: auto = whichever of dense, bm25 and hybrid (dense
-    weights 0.5, 0.7, 0.3) ranks the calibration questions' golds best (nDCG@10; a tie goes to
-    the first in that order) | dense | bm25 | hybrid (weight 0.5: plain reciprocal-rank
-    fusion). rag-sequence: dense."""
+    weights 0.5, 0.7, 0.3) ranks the train questions' golds best (nDCG@10; fit questions by
+    the cross-fitted retrievers, calibration ones by the final one; a tie goes to the first in
+    that order) | dense | bm25 | hybrid (weight 0.5: plain reciprocal-rank fusion).
+    rag-sequence: dense."""
     index: str = "flat"
     """FAISS index: flat (exact) | hnsw | ivf (approximate, for large corpora) | ivfpq (IVF with
     product-quantized vectors: about 1/32 of flat's memory, for knowledge bases of millions)."""

@@ -1,4 +1,4 @@
-"""What the `cpt-sft` build decides on its calibration questions: the first-stage retriever, the
+"""What the `cpt-sft` build decides on its train questions: the first-stage retriever, the
 reranker, the refusal threshold; and that no held-out record reaches any of them."""
 
 from __future__ import annotations
@@ -224,6 +224,13 @@ def test_no_held_out_record_reaches_the_reader_the_reranker_or_any_choice(
     config = json.loads((root / "output/rag/config.json").read_text())
     assert config.get("refusal_threshold") == metrics["refusal"]["threshold"]
     assert metrics["refusal"]["calibration"]["questions"] == len(calibration.questions)
+    # The first stage is chosen on the fit questions too (ranked by the folds), not on the
+    # calibration ones alone: every train question with a gold, one ranking row each.
+    (_, rank, golds), _ = seen["choose_retriever"][0]
+    counts = metrics["retriever"]["questions"]
+    assert counts["fit"] > counts["calibration"] >= 1
+    assert len(golds) == counts["fit"] + counts["calibration"] == len(rank("hybrid", 0.5))
+    assert all(golds) and len(golds) <= len(train)
 
 
 def test_the_reranker_orders_passages_by_the_cross_encoders_scores(

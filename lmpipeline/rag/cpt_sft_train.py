@@ -3,9 +3,11 @@ fine-tuned DPR-style and indexed with FAISS; the retriever answers use, chosen a
 and hybrids; a cross-encoder reranker where it pays; the SFT model taught to read and to refuse.
 
 The train questions are split once (`rag.calibration_fraction`, `seed`): every model trains on
-the *fit* questions, and every choice is made on the *calibration* questions, which no model
-trains on: a choice made there is what a new question would meet. Held-out questions decide
-nothing and train nothing; they are only scored (`lmpipeline.rag.evaluation`).
+the *fit* questions, and the choices that need a trained reader or reranker are made on the
+*calibration* questions, which no model trains on: a choice made there is what a new question
+would meet. The first stage is chosen on both, each ranked by a retriever that never saw it.
+Held-out questions decide nothing and train nothing; they are only scored
+(`lmpipeline.rag.evaluation`).
 
 - **Start.** Fine-tuning starts from the CPT encoder, unless the base encoder (`cpt.model`)
   ranks the train questions' gold chunks better (MRR; `rag.start_encoder: auto`): masked-LM
@@ -15,13 +17,14 @@ nothing and train nothing; they are only scored (`lmpipeline.rag.evaluation`).
   batch are its negatives, and `rag.train.hard_negatives` chunks per question mined from BM25's
   and the starting encoder's top `MINE_DEPTH` that do not state its answer (support below half
   the gold rule's threshold: a margin against false negatives).
-- **Retriever** (`rag.retriever: auto`): the fine-tuned dense ranking, BM25 or their fusion with
-  the dense share 0.5, 0.7 or 0.3, whichever ranks the calibration questions' golds best
-  (nDCG@10; a tie goes to the first of that list: `decisions.FIRST_STAGES`).
 - **Cross-fitting.** The fit questions are cut in two halves; a retriever trained (the same
-  recipe) on one half ranks the other. So each fit question has a ranking by a first stage that
-  never saw it, as a new question is ranked: the passages the reader is taught with, and the
-  reranker's negatives, come from there.
+  recipe) on one half ranks the other. So each fit question has a ranking by a retriever that
+  never saw it, as a new question is ranked: the first stage is chosen on these, and the
+  passages the reader is taught with and the reranker's negatives come from there.
+- **Retriever** (`rag.retriever: auto`): the fine-tuned dense ranking, BM25 or their fusion with
+  the dense share 0.5, 0.7 or 0.3, whichever ranks the golds of every train question best
+  (nDCG@10; a tie goes to the first of that list: `decisions.FIRST_STAGES`): the fit questions
+  as cross-fitted, the calibration ones as the fine-tuned retriever ranks them.
 - **Reranker** (`lmpipeline.rag.rerank_train`): trained on the fit questions, used where it
   raises the calibration questions' nDCG@10 over the first stage's (`rag.rerank.enabled: auto`).
 - **Reader and refusal** (`lmpipeline.rag.reader`, `lmpipeline.rag.refusal`): the SFT model
@@ -200,6 +203,15 @@ class Encoder:
     embed_per_s: float
 
 
+@dataclass(frozen=True)
+class Rankings:
+    """Some questions' dense ranking and BM25 one, a row per question, as deep as the fusion
+    reads: every first stage of them is fused from these."""
+
+    dense: np.ndarray
+    lexical: np.ndarray
+
+
 def padded(ranked: np.ndarray, depth: int) -> np.ndarray:
     """The first `depth` columns of `ranked`, -1 (nothing) where it has fewer."""
     out = np.full((len(ranked), depth), -1, dtype=np.int64)
@@ -349,57 +361,70 @@ class CptSftBackend:
 
     # --- first stage, cross-fitting, reranker --------------------------------------------------
 
-    def first_stage(
-        self, encoder: Encoder, questions: Sequence[str], kind: str, weight: float | None
-    ) -> np.ndarray:
-        """The top `depth` entries for each question by the first stage `kind` over `encoder`'s
-        dense ranking and BM25, as the saved system ranks them (-1 pads a short list)."""
+    def rankings(self, encoder: Encoder, questions: Sequence[str]) -> Rankings:
+        """What every first stage of `questions` is fused from: `encoder`'s ranking and BM25's."""
         depth = max(self.depth, CANDIDATES)
-        lexical = bm25_search(self.kb.bm25, questions, depth)[1]
-        if kind == "bm25":
-            return padded(lexical, self.depth)
-        dense = self.dense_ranks(encoder, questions, depth)
-        if kind == "dense":
-            return padded(dense, self.depth)
-        n = len(self.kb.entries)
-        return padded(
-            hybrid(dense, lexical, n, depth, 0.5 if weight is None else weight)[1], self.depth
-        )
+        dense = padded(self.dense_ranks(encoder, questions, depth), depth)
+        return Rankings(dense, bm25_search(self.kb.bm25, questions, depth)[1])
 
-    def choose_first_stage(self, tuned: Encoder) -> RetrieverChoice:
-        """`rag.retriever` (auto: decisions.choose_retriever) on the calibration questions."""
-        stated = self.calibration.in_corpus()
+    def fuse(self, rankings: Rankings, kind: str, weight: float | None) -> np.ndarray:
+        """The top `depth` entries for each question by the first stage `kind` over
+        `rankings`, as the saved system ranks them (-1 pads a short list)."""
+        if kind == "bm25":
+            return padded(rankings.lexical, self.depth)
+        if kind == "dense":
+            return padded(rankings.dense, self.depth)
+        n, depth = len(self.kb.entries), max(self.depth, CANDIDATES)
+        fused = hybrid(
+            rankings.dense, rankings.lexical, n, depth, 0.5 if weight is None else weight
+        )
+        return padded(fused[1], self.depth)
+
+    def choose_first_stage(self, tuned: Encoder, fit: Rankings) -> RetrieverChoice:
+        """`rag.retriever` (auto: decisions.choose_retriever) on every train question that has
+        a gold: the fit ones through their cross-fitted rankings (`fit`), the calibration ones
+        through the fine-tuned retriever. Each was ranked by a retriever that never trained
+        on it, and five times the calibration questions alone make a choice between near
+        first stages less a matter of which questions the calibration slice drew."""
+        rows = self.fit.stated_rows
+        stated_fit = Rankings(fit.dense[rows], fit.lexical[rows])
+        calibration = self.calibration.in_corpus()
+        ranked_calibration = self.rankings(tuned, calibration.questions)
+        golds = self.fit.in_corpus().golds + calibration.golds
         choice = choose_retriever(
             self.cfg.retriever,
-            lambda kind, weight: self.first_stage(tuned, stated.questions, kind, weight),
-            stated.golds,
+            lambda kind, weight: np.concatenate(
+                [self.fuse(stated_fit, kind, weight), self.fuse(ranked_calibration, kind, weight)]
+            ),
+            golds,
         )
         scores = "  ".join(f"{k} {v:.3f}" for k, v in choice.scores.items())
         weight = f" (dense weight {choice.weight})" if choice.kind == "hybrid" else ""
-        print(f"rag: first stage {choice.kind}{weight}; calibration nDCG@10: {scores}")
-        self.figures["retriever"] = choice.figures()
+        print(
+            f"rag: first stage {choice.kind}{weight}; nDCG@10 of {len(golds)} train questions"
+            f" ({len(rows)} fit, cross-fitted; {len(calibration.records)} calibration): {scores}"
+        )
+        counts = {"fit": len(rows), "calibration": len(calibration.records)}
+        self.figures["retriever"] = {**choice.figures(), "questions": counts}
         return choice
 
-    def cross_fitted(self, choice: RetrieverChoice) -> np.ndarray:
-        """Each fit question's first-stage ranking by a retriever trained on the other half of
-        the fit questions only (BM25 needs no training: its own ranking)."""
+    def cross_fitted(self) -> Rankings:
+        """Each fit question's rankings by BM25 and by a dense retriever trained on the other
+        half of the fit questions only: what any first stage of it is fused from."""
         fit = self.fit
-        ranked = np.full((len(fit.records), self.depth), -1, dtype=np.int64)
-        if choice.kind == "bm25":
-            return self.first_stage(self.candidates[self.start], fit.questions, "bm25", None)
+        depth = max(self.depth, CANDIDATES)
+        dense = np.full((len(fit.records), depth), -1, dtype=np.int64)
         speeds = []
         folds = halves(len(fit.records), self.params.seed)
         for n, (ranked_half, trained_half) in enumerate([folds, folds[::-1]], start=1):
             model, speed = self.fold_retriever(fit.subset(trained_half).in_corpus(), n)
             speeds.append(speed)
             encoder = self.embed_entries(model, self.tokenizer, f"fold {n}")
-            questions = fit.subset(ranked_half).questions
-            rows = self.first_stage(encoder, questions, choice.kind, choice.weight)
-            ranked[ranked_half] = rows
+            dense[ranked_half] = self.rankings(encoder, fit.subset(ranked_half).questions).dense
             del model, encoder
             gc.collect()
         self.timings["folds"] = speeds
-        return ranked
+        return Rankings(dense, bm25_search(self.kb.bm25, fit.questions, depth)[1])
 
     def fold_retriever(self, stated: Questions, n: int) -> tuple[PreTrainedModel, Any]:
         """A retriever trained as the final one is, on `stated` (half the fit questions)."""
@@ -486,13 +511,14 @@ class CptSftBackend:
         teach the generator to read (`generator/`) where `rag.reader.enabled`."""
         assert self.index is not None, "rank() builds the index"
         tuned = Encoder(model, self.tokenizer, self.index, self.embed_per_s)
-        with phase(self.timings, "choose"):
-            self.choice = choice = self.choose_first_stage(tuned)
         with phase(self.timings, "folds"):
-            fit_ranked = self.cross_fitted(choice)
+            fit = self.cross_fitted()
+        with phase(self.timings, "choose"):
+            self.choice = choice = self.choose_first_stage(tuned, fit)
+        fit_ranked = self.fuse(fit, choice.kind, choice.weight)
         with phase(self.timings, "rerank"):
             stated = self.calibration.in_corpus()
-            ranked = self.first_stage(tuned, stated.questions, choice.kind, choice.weight)
+            ranked = self.fuse(self.rankings(tuned, stated.questions), choice.kind, choice.weight)
             self.train_and_decide_reranker(fit_ranked, ranked)
         output.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output / RETRIEVER_DIR)

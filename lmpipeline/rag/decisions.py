@@ -1,6 +1,6 @@
-"""The choices the `cpt-sft` build makes on the calibration questions (train questions no model
-trained on): which first-stage retriever answers use, whether the reranker does, and the refusal
-threshold, each with the figures it was made on, for `metrics/rag.json`."""
+"""The choices the `cpt-sft` build makes on train questions ranked or read by models that never
+trained on them: which first-stage retriever answers use, whether the reranker does, and the
+refusal threshold, each with the figures it was made on, for `metrics/rag.json`."""
 
 from __future__ import annotations
 
@@ -36,21 +36,21 @@ class RetrieverChoice:
     kind: str  # dense | bm25 | hybrid
     weight: float | None  # hybrid: the dense ranking's share of the fusion
     best_hybrid: float  # the weight of the hybrid that ranked best (what metrics call `hybrid`)
-    scores: dict[str, float]  # CHOICE_METRIC of every candidate on the calibration questions
+    scores: dict[str, float]  # CHOICE_METRIC of every candidate on the questions it chose on
 
     def figures(self) -> dict[str, Any]:
         return {
             "used": self.kind,
             "fusion_weight": self.weight,
-            "calibration": {CHOICE_METRIC: self.scores},
+            "train": {CHOICE_METRIC: self.scores},
         }
 
 
 def choose_retriever(
     setting: str, rank: Callable[[str, float | None], np.ndarray], golds: Sequence[Sequence[int]]
 ) -> RetrieverChoice:
-    """The first stage that ranks the calibration questions' `golds` best (`setting` auto), or
-    the one `setting` names (a hybrid then fuses evenly); `rank(kind, weight)` ranks them."""
+    """The first stage that ranks the questions' `golds` best (`setting` auto), or the one
+    `setting` names (a hybrid then fuses evenly); `rank(kind, weight)` ranks them."""
     scores = {
         stage_name(kind, weight): retrieval_scores(gold_ranks(rank(kind, weight), golds))[
             CHOICE_METRIC
