@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmpipeline.runtime import WEIGHTS
+
 HUMAN_ASSISTANT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\n' }}"
@@ -54,7 +56,7 @@ def load_chat_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, str]:
 
 def load_causal_lm(path: Path, device: torch.device) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False
+        path, use_safetensors=True, trust_remote_code=False, **WEIGHTS
     ).to(device)
 
 

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from lmpipeline.errors import SetupError
+from lmpipeline.runtime import WEIGHTS
 
 BUNDLED_PREFIX = "bundled:"
 # What a Hugging Face id may bring down: weights as safetensors, configs and tokenizer files;
@@ -65,8 +66,8 @@ class ModelSource:
 
     def load_kwargs(self) -> dict[str, Any]:
         if self.gguf_file:
-            return {"gguf_file": self.gguf_file}
-        return {"use_safetensors": True} if has_safetensors(self.path) else {}
+            return {"gguf_file": self.gguf_file, **WEIGHTS}
+        return {"use_safetensors": True, **WEIGHTS} if has_safetensors(self.path) else WEIGHTS
 
 
 def has_safetensors(path: Path) -> bool:

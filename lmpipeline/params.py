@@ -494,8 +494,9 @@ class Params:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps."""
     fp16: str = "auto"
-    """Mixed precision: auto = bf16/fp16 on CUDA only; true | false force it (true on a CPU is
-    refused: CPU autocast is about 10x slower here)."""
+    """Mixed precision, on CUDA only: auto = bf16 where the GPU has it natively, else fp16 |
+    true = fp16 (loss-scaled) | false = fp32 (true on a CPU is refused: CPU autocast is about
+    10x slower here)."""
     validate: ValidateParams = field(default_factory=ValidateParams)
     cpt: CptParams = field(default_factory=CptParams)
     cpt_lm: CptLmParams = field(default_factory=CptLmParams)

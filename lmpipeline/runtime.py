@@ -15,6 +15,11 @@ import torch.distributed as dist
 
 from lmpipeline.errors import SetupError
 
+# Every model loads in fp32, whatever dtype its checkpoint was saved in (transformers 5 keeps the
+# checkpoint's own by default): training keeps fp32 master weights, mixed precision is autocast's
+# alone (`precision`), and what a reload computes (an index, answers) is what the stage computed.
+WEIGHTS: dict[str, Any] = {"dtype": torch.float32}
+
 
 def under_launcher() -> bool:
     """True inside a process that torchrun (or accelerate launch) started."""
@@ -45,6 +50,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(f"device: {device} asked for, but torch sees no CUDA device")
+    if device.startswith("cuda:"):
+        # accelerate places a lone process on the current CUDA device, which is cuda:0 unless
+        # set: without this, `cuda:1` would train on cuda:0 and measure and answer on cuda:1.
+        torch.cuda.set_device(torch.device(device))
     if device == "mps" and not torch.backends.mps.is_available():
         raise SetupError("device: mps asked for, but torch sees no MPS device")
     return torch.device(device)
@@ -53,8 +62,9 @@ def resolve_device(device: str) -> torch.device:
 def precision(fp16: str, device: torch.device) -> str | None:
     """Mixed-precision mode for the Trainer: "bf16", "fp16" or None (plain fp32).
 
-    `auto` turns it on for CUDA only: bf16/fp16 autocast on these CPUs runs about ten times
-    slower than fp32, so a CPU never gets it by default and refuses it when asked.
+    `auto` turns it on for CUDA only: bf16 where the GPU computes it natively, else fp16 (with
+    loss scaling); bf16/fp16 autocast on these CPUs runs about ten times slower than fp32, so a
+    CPU never gets it by default and refuses it when asked. `true` is fp16 itself.
     """
     if fp16 == "false":
         return None
@@ -65,19 +75,37 @@ def precision(fp16: str, device: torch.device) -> str | None:
                 "mixed precision on a CPU is slower than fp32 here. Set fp16: auto or false."
             )
         return None
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if fp16 == "true":
+        return "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0, Ampere, and later).
+    `torch.cuda.is_bf16_supported()` also counts emulation, which would put a V100 or a T4 on
+    bf16 many times slower than its fp16."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def compute_dtype(mode: str | None) -> torch.dtype:
+    """The dtype the matmuls of training run in, for a `precision` mode."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode or "", torch.float32)
 
 
 def matmul_flops(
-    device: torch.device, shape: tuple[int, int, int] = (1024, 1024, 1024), seconds: float = 0.05
+    device: torch.device,
+    shape: tuple[int, int, int] = (1024, 1024, 1024),
+    seconds: float = 0.05,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Measured fp32 FLOP/s of one (m x k) @ (k x n) matmul shape on `device`."""
+    """Measured FLOP/s of one (m x k) @ (k x n) matmul shape in `dtype` on `device` (fp32 with
+    TF32 where torch is set to use it, as training then is)."""
     m, k, n = shape
     # A generator of its own: drawing from the global one would change the dropout masks of the
     # training that follows a measurement, and so its results.
     generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(m, k, device=device, generator=generator)
-    b = torch.randn(k, n, device=device, generator=generator)
+    a = torch.randn(m, k, device=device, generator=generator).to(dtype)
+    b = torch.randn(k, n, device=device, generator=generator).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm up the BLAS threads, caches and kernels
         a @ b
@@ -92,17 +120,22 @@ def matmul_flops(
 
 @dataclass(frozen=True)
 class Peak:
-    """The best fp32 matmul speed measured on a device: the denominator of MFU."""
+    """The best matmul speed measured on a device in the training's dtype: the denominator of
+    MFU (a bf16 run against an fp32 peak would overstate it many times on tensor cores)."""
 
     flops: float
     shape: tuple[int, int, int]  # the (m, k, n) that reached it
+    dtype: torch.dtype = torch.float32
 
     def describe(self) -> str:
         m, k, n = self.shape
-        return f"{self.flops / 1e9:.0f} GFLOP/s ({m}x{k} @ {k}x{n} fp32 matmul, best measured)"
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        return f"{self.flops / 1e9:.0f} GFLOP/s ({m}x{k} @ {k}x{n} {name} matmul, best measured)"
 
 
-def matmul_peak(device: torch.device, hidden: int | None) -> Peak:
+def matmul_peak(
+    device: torch.device, hidden: int | None, dtype: torch.dtype = torch.float32
+) -> Peak:
     """The best of several runs of square GEMMs and of the model's own MLP shape (2,048 tokens
     x `hidden` @ `hidden` x 4 `hidden`): one sample of one shape can come out below what training
     then reaches (a busy core, a cold cache), which made MFU exceed 1. The squares grow with the
@@ -112,12 +145,12 @@ def matmul_peak(device: torch.device, hidden: int | None) -> Peak:
     shapes = [(s, s, s) for s in (min(1024, 8 * width), min(2048, 16 * width))]
     if hidden:
         shapes.append((2048, hidden, 4 * hidden))
-    best = Peak(0.0, shapes[0])
+    best = Peak(0.0, shapes[0], dtype)
     for _ in range(3):
         for shape in shapes:
-            flops = matmul_flops(device, shape)
+            flops = matmul_flops(device, shape, dtype=dtype)
             if flops > best.flops:
-                best = Peak(flops, shape)
+                best = Peak(flops, shape, dtype)
     return best
 
 

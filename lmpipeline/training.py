@@ -5,6 +5,7 @@ outputs, FSDP2 sharding, throughput/MFU and dvclive curves.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -23,7 +24,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipeline.metrics import perplexity
 from lmpipeline.params import BudgetedParams, LaunchParams, TrainingParams
-from lmpipeline.runtime import Peak, end_distributed, fingerprint, is_main_process, matmul_peak
+from lmpipeline.runtime import (
+    WEIGHTS,
+    Peak,
+    compute_dtype,
+    end_distributed,
+    fingerprint,
+    is_main_process,
+    matmul_peak,
+)
 from lmpipeline.stage import CHECKPOINTS, checkpoint_folders, remove_checkpoints
 
 FSDP_CONFIG = {
@@ -31,6 +40,13 @@ FSDP_CONFIG = {
     "auto_wrap_policy": "NO_WRAP",  # StageTrainer shards the model itself (see `shard`)
     "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints: one file per process, none whole
 }
+# The TrainingArguments field of activation checkpointing: transformers 5.2x renamed it, and the
+# old name, the only one before, is a deprecated alias there.
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
 
 
 @dataclass
@@ -154,6 +170,11 @@ class StageTrainer(Trainer):
         self.peak: Peak | None = None  # matmul peak measured before training (`train_resumable`)
         self.add_callback(StepTimer(self))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the matmuls of training run in (MFU's peak is measured in it)."""
+        return compute_dtype("bf16" if self.args.bf16 else "fp16" if self.args.fp16 else None)
+
     def _get_train_sampler(self, train_dataset=None):  # type: ignore[override]
         return self.sampler
 
@@ -183,6 +204,13 @@ class StageTrainer(Trainer):
         finally:
             self.denominator = None
         return torch.stack(losses).sum()
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):  # type: ignore[override]
+        """Mixed precision, as the Trainer was set (`runtime.precision`), around every loss and
+        held-out score. accelerate applies it by wrapping the model's forward, which the stage
+        losses do not call (they call the encoder, then the head on selected positions): it is
+        applied here instead, around the loss function, where the Trainer asks for it."""
+        return self.accelerator.autocast()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         parts = self.stage_loss(model, inputs)
@@ -219,8 +247,18 @@ class StageTrainer(Trainer):
         else:
             return self.loss_fn(model, inputs)
 
+        # The forward the model had (accelerate's mixed-precision wrapper where it set one):
+        # what a call of the model must reach inside the loss, and what the model keeps after.
+        own = inner.__dict__.get("forward")
+
+        def restore() -> None:
+            if own is None:
+                del inner.forward  # back to the class's forward
+            else:
+                inner.forward = own
+
         def forward(**batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            del inner.forward  # the loss function may call the model itself: the real forward
+            restore()  # the loss function may call the model itself: the real forward
             try:
                 parts = self.loss_fn(inner, batch)
             finally:
@@ -231,14 +269,15 @@ class StageTrainer(Trainer):
         try:
             return LossParts(*model(**inputs))
         finally:
-            del inner.forward  # back to the class's forward
+            restore()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):  # type: ignore[override]
         sharded = isinstance(self.model, FSDPModule)
         if sharded:  # the layers gather their own parameters; the top level's are gathered here
             self.model.unshard()
         try:
-            scores = self.eval_fn(self.model)
+            with self.autocast_smart_context_manager():
+                scores = self.eval_fn(self.model)
         finally:
             if sharded:
                 self.model.reshard()
@@ -280,17 +319,24 @@ def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
 
 
 class StepTimer(TrainerCallback):
-    """Seconds spent in optimizer steps only (not evaluation or checkpointing)."""
+    """Seconds spent in optimizer steps only (not evaluation or checkpointing). On a GPU the
+    clock is read once the queued kernels have run: otherwise a step's time is that of queuing
+    them, and a short run overstates tokens/s."""
 
     def __init__(self, trainer: StageTrainer) -> None:
         self.trainer = trainer
         self.start = 0.0
 
+    def now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[override]
-        self.start = time.perf_counter()
+        self.start = self.now(args.device)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-        self.trainer.step_seconds += time.perf_counter() - self.start
+        self.trainer.step_seconds += self.now(args.device) - self.start
 
 
 def checkpoint_dir(family: str, *config: Any) -> Path:
@@ -342,7 +388,7 @@ def training_args(
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **{CHECKPOINTING: cfg.gradient_checkpointing},
         ddp_backend=None if launch.backend == "auto" else launch.backend,
         fsdp=fsdp,
         fsdp_config=dict(FSDP_CONFIG) if fsdp else None,  # the Trainer adds its defaults
@@ -370,10 +416,11 @@ def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
     resume = last_complete_checkpoint(out)
     if resume:
         print(f"{stage}: resuming from {resume}")
-    trainer.peak = matmul_peak(trainer.args.device, hidden_size(trainer.model))
+    trainer.peak = matmul_peak(trainer.args.device, hidden_size(trainer.model), trainer.dtype)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
     model = trained_model(trainer)
+    release(trainer)
     end_distributed()  # what follows (scoring, writing) is rank 0's alone
     return model
 
@@ -382,18 +429,30 @@ def trained_model(trainer: StageTrainer) -> torch.nn.Module:
     """The trained model as one process can use it: the model itself, or under FSDP a plain copy
     on rank 0 loaded with the gathered shards (every process must call this: it gathers)."""
     if not trainer.is_fsdp_enabled:
-        return trainer.model
+        # Without accelerate's mixed-precision forward: what follows (answers, an index) runs
+        # in fp32, as a reload of the saved model would.
+        return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     state = trainer.accelerator.get_state_dict(trainer.model)  # whole on rank 0, empty elsewhere
     if not trainer.is_world_process_zero():
         return trainer.model
     sharded = trainer.model
     plain = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
     model = plain.from_pretrained(
-        None, config=sharded.config, state_dict=state, trust_remote_code=False
+        None, config=sharded.config, state_dict=state, trust_remote_code=False, **WEIGHTS
     )
     if sharded.can_generate():
         model.generation_config = sharded.generation_config
     return model.to(trainer.args.device)
+
+
+def release(trainer: StageTrainer) -> None:
+    """Drop the optimizer's state and the cached GPU memory once training is over: the next
+    phase of a stage (the reader after the retriever) must not share the device with them."""
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def throughput(
@@ -414,7 +473,7 @@ def throughput(
         "mfu": None,
     }
     if flops_per_token is not None:
-        after = matmul_peak(device, hidden_size(trainer.model))
+        after = matmul_peak(device, hidden_size(trainer.model), trainer.dtype)
         peak = max([after, trainer.peak or after], key=lambda p: p.flops)
         achieved = flops_per_token * tokens_per_s
         out["mfu"] = round(min(achieved / peak.flops, 1.0), 4)

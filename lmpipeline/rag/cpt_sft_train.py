@@ -90,6 +90,7 @@ from lmpipeline.rag.reader import GENERATOR_DIR, reader_records, teach_reader
 from lmpipeline.rag.rerank import RERANKER_DIR, rerank_rows
 from lmpipeline.rag.rerank_train import groups, train_reranker
 from lmpipeline.rag.system import ABSENT_ANSWER, INDEX_FILE, Hit, System, SystemConfig
+from lmpipeline.runtime import WEIGHTS
 from lmpipeline.training import LossParts, checkpoint_dir, throughput, train_resumable
 
 # 1 / temperature 0.05, sentence-transformers' default for in-batch-negative training.
@@ -99,7 +100,9 @@ SCALE = 20.0
 def load_encoder(path: Path | str, device: torch.device) -> PreTrainedModel:
     """The bare encoder of a model directory: an MLM or pooler head, if any, is not used."""
     with quietly():  # the unused, absent pooler would be reported as "new"
-        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        model = AutoModel.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=False, **WEIGHTS
+        )
     return model.to(device)
 
 

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmpipeline.runtime import WEIGHTS
+
 RERANKER_DIR = "reranker"
 SCORE_BATCH = 32  # (question, passage) pairs per forward pass when scoring
 
@@ -30,7 +32,7 @@ def load_reranker(
     """A saved reranker and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False
+        path, use_safetensors=True, trust_remote_code=False, **WEIGHTS
     )
     return model.to(device).eval(), tokenizer
 
