@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM, Trainer
+from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
 
 from lmpipeline import cpt, cpt_lm, sft, tokens, training
 from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
@@ -320,3 +320,14 @@ def test_bf16_training_measures_its_peak_in_bf16_syncs_its_clock_and_frees_its_o
     timer.on_step_begin(cuda, None, None)
     timer.on_step_end(cuda, None, None)
     assert synced == [torch.device("cuda:1")] * 2
+
+
+def test_activation_checkpointing_is_asked_under_the_name_the_installed_trainer_has(
+    tmp_path: Path,
+) -> None:
+    """transformers renamed the field (`gradient_checkpointing` before 5.2x, a deprecated alias
+    after, which the tests turn into an error): whichever this install has is the one set."""
+    cfg = SftParams(gradient_checkpointing=True)
+    args = training_args(cfg, 0, torch.device("cpu"), None, tmp_path, 8)
+    assert training.CHECKPOINTING in TrainingArguments.__dataclass_fields__
+    assert getattr(args, training.CHECKPOINTING) is True
