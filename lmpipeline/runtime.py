@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.state import AcceleratorState, GradientState
 
 from lmpipeline.errors import SetupError
 
@@ -21,9 +22,15 @@ from lmpipeline.errors import SetupError
 WEIGHTS: dict[str, Any] = {"dtype": torch.float32}
 
 
+# Read once, at import: `end_distributed` later takes torchrun's variables away from rank 0.
+LAUNCHED = "LOCAL_RANK" in os.environ
+# What torchrun tells each process of its world; accelerate takes any of them for a distributed run.
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def under_launcher() -> bool:
     """True inside a process that torchrun (or accelerate launch) started."""
-    return "LOCAL_RANK" in os.environ
+    return LAUNCHED
 
 
 def is_main_process() -> bool:
@@ -32,10 +39,19 @@ def is_main_process() -> bool:
 
 
 def end_distributed() -> None:
-    """Tear the process group down once no process needs it (rank 0 then scores and writes on
-    its own)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the process group down once no process needs it. Rank 0, which then scores and
+    writes on its own and may train again (the rag stage's folds and reader), becomes a world of
+    one: without that, its next Trainer would wait for ranks that have already exited."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    if is_main_process():
+        for name in WORLD_VARIABLES:
+            os.environ.pop(name, None)
+        # accelerate keeps its state in process-wide singletons, built from those variables;
+        # its own tests start a fresh world the same way.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def resolve_device(device: str) -> torch.device:

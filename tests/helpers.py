@@ -106,17 +106,17 @@ def tiny_passages() -> list[str]:
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))]
 
 
-def build_rag(
+def rag_project(
     root: Path,
     params: dict,
     cpt: Path,
     sft: Path,
     held_out: int = 2,
     questions: list[dict[str, str]] = RAG_RECORDS,
-) -> int:
-    """Run the `rag` stage in `root` on tiny data: 9 passages, the 6 RAG_RECORDS (or
-    `questions`) of which the last `held_out` are held out, their golds found by validate_rag's
-    rule; `params` is written to root/params.yaml."""
+) -> list[str]:
+    """Lay out a tiny `rag` stage in `root` and return its arguments: 9 passages, the 6
+    RAG_RECORDS (or `questions`) of which the last `held_out` are held out, their golds found by
+    validate_rag's rule; `params` is written to root/params.yaml."""
     pretrain = tiny_passages()
     (root / "pretrain.txt").write_text("\n".join(pretrain) + "\n", encoding="utf-8")
     cfg = RagParams(**{k: v for k, v in params.get("rag", {}).items() if k.startswith("chunk")})
@@ -129,20 +129,30 @@ def build_rag(
     # As in the pipeline, the generator sits beside the rag directory: a built system may only
     # name models under the folder that holds it.
     shutil.copytree(sft, root / "output/sft", dirs_exist_ok=True)
-    return rag.main(
-        [
-            f"--cpt={cpt}",
-            f"--sft={root / 'output/sft'}",
-            f"--data={root / 'data'}",
-            f"--pretrain={root / 'pretrain.txt'}",
-            f"--output={root / 'output/rag'}",
-            f"--metrics={root / 'metrics/rag.json'}",
-            f"--plots={root / 'metrics/rag'}",
-            f"--predictions={root / 'metrics/rag_predictions.jsonl'}",
-            f"--params={root / 'params.yaml'}",
-            f"--timings={root / 'output/timings/rag.json'}",
-        ]
-    )
+    return [
+        f"--cpt={cpt}",
+        f"--sft={root / 'output/sft'}",
+        f"--data={root / 'data'}",
+        f"--pretrain={root / 'pretrain.txt'}",
+        f"--output={root / 'output/rag'}",
+        f"--metrics={root / 'metrics/rag.json'}",
+        f"--plots={root / 'metrics/rag'}",
+        f"--predictions={root / 'metrics/rag_predictions.jsonl'}",
+        f"--params={root / 'params.yaml'}",
+        f"--timings={root / 'output/timings/rag.json'}",
+    ]
+
+
+def build_rag(
+    root: Path,
+    params: dict,
+    cpt: Path,
+    sft: Path,
+    held_out: int = 2,
+    questions: list[dict[str, str]] = RAG_RECORDS,
+) -> int:
+    """Run the `rag` stage of `rag_project` in this process; its exit status."""
+    return rag.main(rag_project(root, params, cpt, sft, held_out, questions))
 
 
 def hub_cache_entry(cache: Path, repo_id: str, model_dir: Path, pickled: bool = False) -> Path:

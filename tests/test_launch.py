@@ -4,7 +4,9 @@ two machines against one, DDP against FSDP."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 from lmpipeline import launch
 from lmpipeline.params import LaunchParams
 from stages import sft as sft_stage
-from tests.helpers import run_sft, sft_args, write_sft_project
+from tests.helpers import rag_project, run_sft, sft_args, tiny_rag, write_sft_project
 
 
 def free_port() -> int:
@@ -161,3 +163,38 @@ def test_sft_on_two_machines_of_one_process_matches_one_machine_of_two(
     )
     assert by_nodes == by_machine  # the same two ranks, whichever machines they run on
     assert by_nodes["final"]["eval_loss"] < by_nodes["base"]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_rag_stage_with_the_reader_finishes_on_two_processes(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """The retriever trains on both ranks and ends the process group; rank 0 then trains the
+    cross-fitting folds and the reader alone. Its next Trainer used to expect a world of two and
+    wait for ever for a rank that had exited."""
+    params = {
+        "cpt": {"model": str(tiny_bert_dir)},
+        "rag": tiny_rag(
+            train={"batch_size": 2, "epochs": 1},
+            reader={"enabled": True, "batch_size": 2, "max_length": 128},
+        ),
+        "launch": {"nproc_per_node": 2, "master_port": free_port()},
+    }
+    args = rag_project(tmp_path, params, tiny_bert_dir, tiny_llama_dir)
+    command = [sys.executable, "-m", "stages.rag", *args]
+    log = (tmp_path / "stage.log").open("w")
+    # A session of its own: a hang is killed with torchrun's workers, not only the launcher.
+    stage = subprocess.Popen(
+        command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        status = stage.wait(timeout=240)  # about 30 s here
+    except subprocess.TimeoutExpired:
+        os.killpg(stage.pid, signal.SIGKILL)
+        stage.wait()
+        status = None
+    assert status == 0, (tmp_path / "stage.log").read_text()[-3000:]
+    metrics = json.loads((tmp_path / "metrics/rag.json").read_text())
+    assert metrics["reader"]["examples"] == 4
+    timings = json.loads((tmp_path / "output/timings/rag.json").read_text())
+    assert timings["reader"]["tokens_per_s"] > 0

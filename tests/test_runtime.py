@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -79,3 +81,28 @@ def test_measuring_the_peak_leaves_the_global_random_state_alone() -> None:
     torch.manual_seed(0)
     matmul_flops(torch.device("cpu"), (64, 64, 64), seconds=0.01)
     assert torch.equal(torch.rand(3), expected)  # training's dropout masks stay the same
+
+
+def test_rank_0_is_a_world_of_one_once_the_process_group_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What torchrun gives rank 0, in one process: after `end_distributed` a new Trainer's
+    state must see one process, not wait for the others (finding 8 of issue 26)."""
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    # OMP_NUM_THREADS set, or accelerate would change this test process's torch threads.
+    launcher = {**world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "OMP_NUM_THREADS": "2"}
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert PartialState(cpu=True).distributed_type == DistributedType.MULTI_CPU
+        runtime.end_distributed()
+        assert not torch.distributed.is_initialized()
+        assert not any(name in os.environ for name in world)
+        assert PartialState(cpu=True).distributed_type == DistributedType.NO
+        assert runtime.is_main_process()
+    finally:  # the next test's Trainer builds its own state
+        runtime.end_distributed()
+        AcceleratorState._reset_state(reset_partial_state=True)
