@@ -6,6 +6,8 @@ own copy of a small index on each rank. With strategy `ddp` every rank then chec
 weights equal rank 0's (DDP synchronized the gradients) and that they moved; with `fsdp` that
 each rank holds only its shard of every parameter. Rank 0 saves the trained weights, gathered
 whole, and the held-out losses logged during training, for the test to compare strategies.
+With mode `bf16`, every rank also checks that each step, not only the first, computed under
+bf16 autocast.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def shard_on_cpu() -> None:
 
 
 def sft_trainer(
-    model_dir: str, out: Path, launch: LaunchParams
+    model_dir: str, out: Path, launch: LaunchParams, mode: str | None
 ) -> tuple[torch.nn.Module, StageTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -61,12 +63,12 @@ def sft_trainer(
     train, _ = tokens.encode_all(tokenizer, records, 32)
     batches = sft.eval_batches(train[:4], 2, tokenizer.pad_token_id)
     cfg = SftParams(batch_size=2, lr=1e-2, max_steps=4, eval_steps=2, save_steps=2)
-    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
+    args = training_args(cfg, 0, torch.device("cpu"), mode, out, len(train), launch)
     return model, sft.make_trainer(model, args, train, batches, tokenizer.pad_token_id)
 
 
 def cpt_trainer(
-    model_dir: str, out: Path, launch: LaunchParams
+    model_dir: str, out: Path, launch: LaunchParams, mode: str | None
 ) -> tuple[torch.nn.Module, StageTrainer]:
     source = resolve_model(model_dir)
     tokenizer = load_tokenizer(source)
@@ -77,7 +79,7 @@ def cpt_trainer(
     train, heldout = cpt.split_blocks(blocks, cfg.eval_fraction, 0)
     masking = cpt.Masking.of(tokenizer, cfg)
     batches = cpt.fixed_eval_batches(heldout, masking, 2, 0)
-    args = training_args(cfg, 0, torch.device("cpu"), None, out, len(train), launch)
+    args = training_args(cfg, 0, torch.device("cpu"), mode, out, len(train), launch)
     return model, cpt.make_trainer(model, args, train, batches, masking, cfg, fresh)
 
 
@@ -85,7 +87,7 @@ RAG_TRAINING = RagTrainingParams(batch_size=2, lr=1e-3, epochs=1, max_steps=4)
 
 
 def rag_trainer(
-    model_dir: str, out: Path, launch: LaunchParams
+    model_dir: str, out: Path, launch: LaunchParams, mode: str | None
 ) -> tuple[torch.nn.Module, StageTrainer]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # the unused pooler starts the same on both ranks
@@ -95,11 +97,11 @@ def rag_trainer(
     collate = cpt_sft_train.PairCollator(tokenizer, entries, max_length=16)
     training = backend.Training(cpt_sft_train.contrastive_loss, collate, pairs, held_out=[])
     cpu = torch.device("cpu")
-    return encoder, backend.make_trainer(encoder, training, RAG_TRAINING, 0, cpu, None, out, launch)
+    return encoder, backend.make_trainer(encoder, training, RAG_TRAINING, 0, cpu, mode, out, launch)
 
 
 def rag_sequence_trainer(
-    model_dir: str, out: Path, launch: LaunchParams
+    model_dir: str, out: Path, launch: LaunchParams, mode: str | None
 ) -> tuple[torch.nn.Module, StageTrainer]:
     model, tokenizer = rag_sequence.load_rag(model_dir, n_docs=2)
     entries = [Entry(f"a{i}", f"{CORPUS[i % 2]} {i}") for i in range(16)]
@@ -113,7 +115,7 @@ def rag_sequence_trainer(
     training = backend.Training(rag_sequence_train.marginal_nll, collator, pairs, pairs[:2])
     cpu = torch.device("cpu")
     ckpt = out / "ckpt"
-    return model, backend.make_trainer(model, training, RAG_TRAINING, 0, cpu, None, ckpt, launch)
+    return model, backend.make_trainer(model, training, RAG_TRAINING, 0, cpu, mode, ckpt, launch)
 
 
 def check_synchronized(before: torch.Tensor, model: torch.nn.Module) -> None:
@@ -133,7 +135,28 @@ def check_sharded(model: torch.nn.Module) -> None:
     print(f"rank {dist.get_rank()}: holds {held} of {total} parameter values")
 
 
-def main(kind: str, strategy: str, model_dir: str, out: str) -> None:
+def record_precision(trainer: StageTrainer) -> list[tuple[int, bool, torch.dtype]]:
+    """For every linear layer's output from now on: the step, whether autocast was on, dtype."""
+    seen: list[tuple[int, bool, torch.dtype]] = []
+
+    def record(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Linear):
+            step = trainer.state.global_step
+            seen.append((step, torch.is_autocast_enabled("cpu"), output.dtype))
+
+    torch.nn.modules.module.register_module_forward_hook(record)
+    return seen
+
+
+def check_bf16(seen: list[tuple[int, bool, torch.dtype]], steps: int) -> None:
+    """Every step, not only the first, computed its linear layers under bf16 autocast."""
+    assert {step for step, _, _ in seen} >= set(range(steps)), "steps without a forward"
+    fp32 = sorted({step for step, on, dtype in seen if not on or dtype != torch.bfloat16})
+    assert not fp32, f"steps {fp32} computed without bf16 autocast"
+    print(f"rank {dist.get_rank()}: bf16 autocast in every one of {steps} steps")
+
+
+def main(kind: str, strategy: str, model_dir: str, out: str, mode: str = "fp32") -> None:
     if strategy == "fsdp":
         shard_on_cpu()
     make = {
@@ -142,7 +165,9 @@ def main(kind: str, strategy: str, model_dir: str, out: str) -> None:
         "rag": rag_trainer,
         "rag-sequence": rag_sequence_trainer,
     }[kind]
-    model, trainer = make(model_dir, Path(out), LaunchParams(nproc_per_node=2, strategy=strategy))
+    launch = LaunchParams(nproc_per_node=2, strategy=strategy)
+    model, trainer = make(model_dir, Path(out), launch, None if mode == "fp32" else mode)
+    seen = record_precision(trainer) if mode == "bf16" else None
     assert dist.get_world_size() == 2
     if strategy == "fsdp":
         trainer.train()
@@ -154,6 +179,8 @@ def main(kind: str, strategy: str, model_dir: str, out: str) -> None:
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         trainer.train()
         check_synchronized(before, model)
+    if seen is not None:
+        check_bf16(seen, trainer.state.global_step)
     if kind == "cpt":  # the stage's groups: the head at head_lr, the encoder at lr
         assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {1e-3, 1e-2}
     whole = trained_model(trainer)

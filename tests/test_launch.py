@@ -36,13 +36,13 @@ def test_one_process_trains_in_place_and_more_relaunch_under_torchrun() -> None:
     assert command[-3:] == ["-m", "stages.sft", "--x=1"]
 
 
-def run_worker(kind: str, strategy: str, model: Path, out: Path) -> str:
+def run_worker(kind: str, strategy: str, model: Path, out: Path, mode: str = "fp32") -> str:
     """tests/ddp_worker.py on two CPU processes; its stdout."""
     worker = Path(__file__).with_name("ddp_worker.py")
     command = launch.torchrun_command(
         LaunchParams(nproc_per_node=2, master_port=free_port()), "", []
     )
-    command = [*command[:-2], str(worker), kind, strategy, str(model), str(out)]
+    command = [*command[:-2], str(worker), kind, strategy, str(model), str(out), mode]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=out, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -57,6 +57,21 @@ def test_ddp_keeps_the_two_processes_rag_sequence_weights_identical(
     for rank in (0, 1):
         assert f"rank {rank}: weights equal across ranks" in stdout
         assert f"rank {rank}: 4 steps" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "rag"])
+def test_ddp_keeps_bf16_autocast_on_after_the_first_step(
+    kind: str, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """DDP's forward replaces the model's for the loss, once per step; the model's own forward,
+    accelerate's autocast wrapper, used to be deleted after the first, so every later step was
+    fp32 (finding 2 of issue 26)."""
+    model = tiny_llama_dir if kind == "sft" else tiny_bert_dir
+    stdout = run_worker(kind, "ddp", model, tmp_path, "bf16")
+    for rank in (0, 1):
+        assert f"rank {rank}: bf16 autocast in every one of 4 steps" in stdout
+        assert f"rank {rank}: weights equal across ranks" in stdout
 
 
 @pytest.mark.slow
