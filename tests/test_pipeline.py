@@ -490,7 +490,7 @@ def test_outputs_pushed_to_a_remote_come_back_identical(repo: Path, tmp_path: Pa
 
 
 def test_smoke_overrides_reach_top_level_and_nested_keys() -> None:
-    # `benchmarks/gpu_smoke.sh` passes `-S device=cuda`; the smoke profile sets rag.train.*.
+    # `make smoke` users pass `-S device=cuda`; the smoke profile sets rag.train.*.
     overrides = parse_overrides(["device=cuda", "rag.train.epochs=1", "sft.batch_size=2"])
     nested = {"rag": {"train": {"epochs": 1}}, "sft": {"batch_size": 2}}
     assert overrides == {"device": "cuda", **nested}
