@@ -4,7 +4,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC stage commands call `python`; run them with the project's environment.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro smoke test test-slow lint docs serve
+.PHONY: setup repro smoke test test-slow test-lowest lint docs serve
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ test: setup
 
 test-slow: setup
 	pytest -m slow
+
+# The fast tests with each direct dependency at the lowest version pyproject.toml allows
+# (scripts/lowest.sh). Deprecation warnings stay warnings here: old releases warn about what
+# newer ones changed, which is not a broken floor.
+LOWEST ?= .venv-lowest
+test-lowest:
+	bash scripts/lowest.sh $(LOWEST)
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" pytest -m "not slow" \
+		-W default::DeprecationWarning -W default::FutureWarning
 
 lint: setup
 	ruff check .

@@ -139,7 +139,12 @@ def _hub_snapshot(repo_id: str) -> Path:
             )
         return path
     except Exception as err:  # network errors come in many types; all mean "not available"
-        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        # The first cause: huggingface_hub wraps a refused connection in an error of its own
+        # ("check your internet connection") in some releases.
+        root = err
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        why = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}"
         raise ModelNotFoundError(hint.format(why=why)) from err
 
 

@@ -390,7 +390,8 @@ def training_args(
         dataloader_num_workers=0,
         **{CHECKPOINTING: cfg.gradient_checkpointing},
         ddp_backend=None if launch.backend == "auto" else launch.backend,
-        fsdp=fsdp,
+        # A string: transformers 4.57 takes no bool here ("" is no FSDP in every version).
+        fsdp="full_shard" if fsdp else "",
         fsdp_config=dict(FSDP_CONFIG) if fsdp else None,  # the Trainer adds its defaults
     )
 

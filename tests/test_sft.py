@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, p
 
 from lmpipeline import chat, metrics, sft, tokens
 from lmpipeline.testing import word_level_tokenizer
+from lmpipeline.training import CHECKPOINTING
 from tests.helpers import crash_at_step, run_sft, write_sft_project
 from tests.helpers import sft_records as records
 
@@ -169,13 +170,14 @@ def test_gradient_checkpointing_is_switched_on_and_trains_to_the_same_loss(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     enabled: list[bool] = []
-    original = PreTrainedModel.activation_checkpointing_enable
+    method = f"{CHECKPOINTING}_enable"  # what the Trainer calls in this transformers
+    original = getattr(PreTrainedModel, method)
 
     def spy(self: PreTrainedModel, *args: object, **kwargs: object) -> None:
         enabled.append(True)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", spy)
+    monkeypatch.setattr(PreTrainedModel, method, spy)
     losses = {}
     for flag in (False, True):
         project = tmp_path / str(flag)

@@ -196,6 +196,7 @@ class RagSequenceSystem:
             attention_mask=inputs["attention_mask"],
             n_docs=k,
             num_beams=1,
+            num_return_sequences=1,  # transformers 5.0 reads it from the config, which lacks it
             max_new_tokens=self.config.max_new_tokens,
         )
         text = self.tokenizer.generator.batch_decode(out, skip_special_tokens=True)[0].strip()
