@@ -98,6 +98,7 @@ CARRIED = [
     "faiss-cpu",
     "bm25s",
     "PyStemmer",
+    "trl",  # `run --trl` only: benchmarks/sft_vs_trl.py
 ]
 # The GPU machines' image: one package name per line ("#" starts a comment).
 GPU_IMAGE = [
@@ -282,7 +283,16 @@ def run_stage(words: list[str], work: Path, report: Path, guard: bool) -> float:
     return run_python([*probe, "--", *words], work, words[0])
 
 
-def run(pack: Path, device: str, guard: bool) -> int:
+def compare_with_trl(work: Path, device: str) -> None:
+    """benchmarks/sft_vs_trl.py on the check's models and data, with the default SFT params."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params = with_overrides(params, CHECK_PARAMS, {"device": device, "fp16": "auto"})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    script = str(ROOT / "benchmarks" / "sft_vs_trl.py")
+    run_python([script, "--device", device], work, "sft_vs_trl")
+
+
+def run(pack: Path, device: str, guard: bool, trl: bool = False) -> int:
     from lmpipeline.runtime import precision, resolve_device
 
     start = time.perf_counter()
@@ -305,7 +315,9 @@ def run(pack: Path, device: str, guard: bool) -> int:
             expect = precision(fp16, resolve_device(device)) or "fp32"
             failures += [f"{name}: {p}" for p in check_stage(name.split()[0], work, record, expect)]
     took = time.perf_counter() - start
-    print(f"\ngpu_check on {describe(device)}, {took:.0f} s in all")
+    if trl:
+        compare_with_trl(work, device)
+    print(f"\ngpu_check on {describe(device)}, {took:.0f} s for the stages")
     print("\n".join(lines))
     if failures:
         print("gpu_check: FAILED\n  " + "\n  ".join(failures))
@@ -325,8 +337,11 @@ def describe(device: str) -> str:
 
 
 def requirements(distribution: str) -> set[str]:
-    """The names `distribution` requires, extras left out."""
-    required = importlib.metadata.requires(distribution) or []
+    """The names `distribution` requires, extras left out (none where it is not installed)."""
+    try:
+        required = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
     names = [re.match(r"[A-Za-z0-9_.-]+", r) for r in required if "extra ==" not in r]
     return {normalized(m[0]) for m in names if m}
 
@@ -398,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("pack")
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--device", default="cuda")
+    run_parser.add_argument("--trl", action="store_true", help="then SFT against TRL's trainer")
     sub.add_parser("dry-run")
     probe_parser = sub.add_parser("probe")
     probe_parser.add_argument("report", type=Path)
@@ -411,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("gpu_check: torch sees no CUDA device")
-        return run(PACK, args.device, guard=False)
+        return run(PACK, args.device, guard=False, trl=args.trl)
     if args.command == "dry-run":
         return run(PACK, "cpu", guard=True)
     return 0

@@ -3,7 +3,8 @@
 # says what is checked and printed).
 #
 #   bash benchmarks/gpu_check.sh pack        here: writes .gpucheck/ (wheels, model configs, data)
-#   bash benchmarks/gpu_check.sh run         on the GPU machine, .gpucheck/ carried along
+#   bash benchmarks/gpu_check.sh run [--trl] on the GPU machine, .gpucheck/ carried along (--trl: then
+#                                            SFT against TRL's SFTTrainer, benchmarks/sft_vs_trl.py)
 #   bash benchmarks/gpu_check.sh --dry-run   here: pack, then the same commands on the CPU
 #
 # The GPU machine needs torch (a CUDA build), transformers, accelerate, peft, pyarrow and pandas;
