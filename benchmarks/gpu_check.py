@@ -4,7 +4,8 @@
 
 - `pack` (here, with the full environment): into `.gpucheck/` (at most 64 MiB with the working
   tree), the cp312 wheels of what the stages import and the GPU machine lacks (datasets, dvclive
-  and the DVC modules it imports, faiss-cpu, bm25s, PyStemmer), the default models' configs and
+  and the DVC modules it imports, faiss-cpu, bm25s, PyStemmer, trl; transformers too, as the
+  image's 5.17 is older than the floor, 5.24), the default models' configs and
   tokenizers (no weights), the data validated by the `validate_*` stages, and the check's params.
 - `run` (on the GPU machine, after the wheels are installed): random fp32 weights from the
   configs, then the `dvc.yaml` commands of tokenize_cpt, cpt, sft_base, tokenize_cpt_lm, cpt_lm,
@@ -69,6 +70,8 @@ CHECK_PARAMS: dict[str, Any] = {
 }
 # What the stages import that the GPU machine's image lacks, at the versions of constraints.txt.
 CARRIED = [
+    # the image's transformers (5.17) predates the floor (5.24: `cache` in generate and outputs)
+    "transformers",
     "datasets",
     "dill",
     "multiprocess",

@@ -7,7 +7,8 @@
 #                                            SFT against TRL's SFTTrainer, benchmarks/sft_vs_trl.py)
 #   bash benchmarks/gpu_check.sh --dry-run   here: pack, then the same commands on the CPU
 #
-# The GPU machine needs torch (a CUDA build), transformers, accelerate, peft, pyarrow and pandas;
+# The GPU machine needs torch (a CUDA build), accelerate, peft, pyarrow and pandas (transformers
+# travels: the image's is older than the floor);
 # the rest travels in .gpucheck/wheels (cp312). Nothing is downloaded there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
