@@ -143,16 +143,10 @@ def rag_project(
     ]
 
 
-def build_rag(
-    root: Path,
-    params: dict,
-    cpt: Path,
-    sft: Path,
-    held_out: int = 2,
-    questions: list[dict[str, str]] = RAG_RECORDS,
-) -> int:
-    """Run the `rag` stage of `rag_project` in this process; its exit status."""
-    return rag.main(rag_project(root, params, cpt, sft, held_out, questions))
+def build_rag(root: Path, params: dict, cpt: Path, sft: Path, **layout: object) -> int:
+    """Run the `rag` stage of `rag_project` (`layout`: its held_out, questions) in this process;
+    its exit status."""
+    return rag.main(rag_project(root, params, cpt, sft, **layout))
 
 
 def hub_cache_entry(cache: Path, repo_id: str, model_dir: Path, pickled: bool = False) -> Path:
