@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -166,7 +167,7 @@ def publishing_dir(output: Path) -> Iterator[Path]:
     new = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     old = output.with_name(f".{output.name}.old")
     try:
-        new.chmod(0o755)
+        follow_umask(new)
         yield new
         shutil.rmtree(old, ignore_errors=True)
         if output.exists():
@@ -197,8 +198,34 @@ def writing_atomic(path: Path) -> Iterator[IO[str]]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            follow_umask(fd)
             yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def follow_umask(made: Path | int) -> None:
+    """Give `made` (a path or an open descriptor), created private whatever the umask (as
+    `tempfile` makes a file, 0o600, or a directory, 0o700), the mode a plain `open` or `mkdir`
+    would have given it. It is, or becomes by a rename, an output: who else may read those (a
+    teammate on a shared machine, or through a shared DVC cache) is the user's umask to say."""
+    full = 0o777 if stat.S_ISDIR(os.stat(made).st_mode) else 0o666
+    os.chmod(made, full & ~umask())
+
+
+def umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status (since 4.7): read there, it stays
+    untouched. Elsewhere the only way is to set it and set it back, and a file another thread
+    creates in between gets the mask set meanwhile: 0o077, private rather than too open."""
+    try:
+        with open("/proc/self/status", "rb") as status:  # bytes: the process name may not decode
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # no /proc: not Linux, or a sandbox without it
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

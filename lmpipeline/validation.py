@@ -36,6 +36,7 @@ from lmpipeline.data import (
     RawLine,
     canonical_json,
     eval_mask,
+    follow_umask,
     prompt_key,
     publishing_dir,
     read_lines,
@@ -512,6 +513,7 @@ def validate_file(
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
+            follow_umask(fd)  # pretrain's output, once renamed
             found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
