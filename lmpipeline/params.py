@@ -157,7 +157,7 @@ class ColumnMaps:
                 if target not in ours:
                     raise ParamsError(
                         f"{dataset}.{theirs} maps onto {target!r}, which {dataset} records do not"
-                        f" have (theirs: {', '.join(ours)})"
+                        f" have ({dataset}'s fields: {', '.join(ours)})"
                     )
             # Two columns onto one field would leave one of them silently unread.
             for target in ours:

@@ -166,9 +166,9 @@ def _csv_problem(err: csv.Error) -> str:
 
 
 def _csv_cells(path: Path) -> Iterator[tuple[int, list[str], str | None, str | None]]:
-    """Each non-blank row of a CSV file: the line it starts at, its cells, and why it could not
-    be decoded or parsed (then no cells). A blank line, or one of whitespace only, is skipped,
-    as in JSONL."""
+    """Each row of a CSV file: the line it starts at, its cells, and why it could not be
+    decoded or parsed (then no cells). An empty line is skipped, as pandas skips it; a line of
+    spaces is a row (a cell of spaces, in a file of one column: the checks call it empty)."""
     with open_input(path) as f:
         lines = _Lines(f)
         reader = csv.reader(lines, strict=True)  # strict: a stray quote is an error, not data
@@ -184,7 +184,7 @@ def _csv_cells(path: Path) -> Iterator[tuple[int, list[str], str | None, str | N
             if lines.bad:
                 line, where = lines.bad[0]
                 yield start, [], where + (f" of line {line}" if line != start else ""), None
-            elif len(cells) > 1 or "".join(cells).strip():
+            elif cells:
                 yield start, cells, None, None
 
 

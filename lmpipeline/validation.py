@@ -204,17 +204,19 @@ LINE_BREAK = re.compile("[\n\r]")
 def _fields_problem(obj: dict[str, Any], ds: Dataset, source: Source) -> str | None:
     """What in a record's string fields is not text, or None: JSON escapes such as \\u0000
     decode to what a line could not hold, and a table's cell holds anything. A passage is one
-    line of the corpus, so a line break in it is refused too."""
+    line of the corpus: it is stripped, as a line of a .txt file is (so a cell's trailing line
+    break goes), and a line break inside it is refused."""
     for f in ds.fields:
         value = obj.get(f)
         if not isinstance(value, str):
             continue
-        if not ds.jsonl and (found := LINE_BREAK.search(value)):
+        inside = (len(value) - len(value.lstrip()), len(value.rstrip()))
+        if not ds.jsonl and (found := LINE_BREAK.search(value, *inside)):
             return (
                 f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a passage"
                 " is one line: give each passage a row of its own"
             )
-        if problem := text_problem(value, multiline=ds.jsonl):
+        if problem := text_problem(value, multiline=True):
             return f"'{source.name(f)}' holds a {problem}"
     return None
 
