@@ -50,6 +50,7 @@ class Source:
 
     path: Path
     dataset: str  # pretrain | sft | rag
+    fields: tuple[str, ...]  # the dataset's own: what the mapping maps onto
     kind: str  # text | jsonl | csv | parquet | dataset
     columns: Mapping[str, str]  # the file's column -> ours (data.columns.<dataset>)
 
@@ -85,7 +86,8 @@ class Source:
 
     def check_columns(self, names: Sequence[str], where: str) -> None:
         """A table's column names against the mapping, once for the whole file: a name twice,
-        a mapped column that is not there, or one that clashes, is a one-line error."""
+        a mapped column that is not there, one that clashes, or none of ours at all (a mapping
+        forgotten: every row would lack every field) is a one-line error."""
         twice = [name for name, n in Counter(names).items() if n > 1]
         if twice:
             raise StageError(f"{where}: column {twice[0]!r} appears twice; rename one")
@@ -95,9 +97,15 @@ class Source:
                     f"{where}: no column {theirs!r}, which data.columns.{self.dataset} maps onto"
                     f" {ours!r} (the columns: {', '.join(names)})"
                 )
-        _, clash = self.mapped(dict.fromkeys(names))
+        ours, clash = self.mapped(dict.fromkeys(names))
         if clash:
             raise StageError(f"{where}: columns {clash}")
+        if not set(self.fields) & set(ours):
+            raise StageError(
+                f"{where}: none of the columns ({', '.join(names)}) is one of {self.dataset}'s"
+                f" fields ({', '.join(self.fields)}); rename one, or map it onto ours in"
+                f" data.columns.{self.dataset}"
+            )
 
     def rows(self) -> Iterator[RawLine | RawRow]:
         """The non-blank lines or the rows of the source, in order, as they are read."""
@@ -107,7 +115,9 @@ class Source:
         return readers[self.kind](self)
 
 
-def open_source(path: Path, dataset: str, columns: Mapping[str, str]) -> Source:
+def open_source(
+    path: Path, dataset: str, fields: tuple[str, ...], columns: Mapping[str, str]
+) -> Source:
     """The source at `path` for `dataset`, its kind decided by its suffix (or being a folder),
     or a one-line error saying which kinds there are."""
     kind = SAVED if path.is_dir() else KINDS.get(path.suffix.lower())
@@ -123,7 +133,7 @@ def open_source(path: Path, dataset: str, columns: Mapping[str, str]) -> Source:
             f"{path}: data.columns.{dataset} maps columns, but a .txt file has none (one passage"
             " per line); remove the mapping, or give a table with a text column"
         )
-    return Source(path, dataset, kind, columns)
+    return Source(path, dataset, fields, kind, columns)
 
 
 # --- CSV ----------------------------------------------------------------------------------------

@@ -556,7 +556,7 @@ def validate_file(
     Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
     raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
-    source = open_source(path, ds.name, getattr(params.data.columns, ds.name))
+    source = open_source(path, ds.name, ds.fields, getattr(params.data.columns, ds.name))
     row_suite = Suite(ds.name, row_checks(ds, params, source))
     cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds, source))
     # Staged beside the output (a rename publishes it); folders made for it go if it fails.

@@ -281,6 +281,18 @@ def test_a_passage_from_a_table_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_table_without_any_of_our_columns_is_refused_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mapping forgotten: one line, not a missing key on every row."""
+    alpaca = [{"instruction": r["prompt"], "output": r["response"]} for r in GOOD]
+    source = write(alpaca, "parquet", tmp_path / "alpaca")
+    assert refusal(capsys, tmp_path, source) == [
+        f"validate_sft: {source}: none of the columns (instruction, output) is one of sft's fields"
+        " (prompt, response); rename one, or map it onto ours in data.columns.sft"
+    ]
+
+
 # --- the same records in every kind of source, made up by hypothesis --------------------------
 
 ANY_TEXT = st.one_of(
