@@ -109,7 +109,7 @@ class Source:
 
     def rows(self) -> Iterator[RawLine | RawRow]:
         """The non-blank lines or the rows of the source, in order, as they are read."""
-        if not self.records or self.kind == "jsonl":
+        if self.kind in ("text", "jsonl"):
             return read_lines(self.path)
         readers = {"csv": _csv_rows, "parquet": _parquet_rows, SAVED: _saved_rows}
         return readers[self.kind](self)
