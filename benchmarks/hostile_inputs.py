@@ -161,7 +161,9 @@ def cases() -> Iterator[tuple[str, str, bytes, bool]]:
 
 def run_validate(dataset: str, content: bytes, work: Path) -> tuple[int | None, str, bool]:
     """(exit code or None for an escaped exception, stderr, whether anything was written)."""
-    source, out = work / "input", work / "out"
+    # The suffix says how the file is read (lmpipeline.sources): text for pretrain, else JSONL.
+    source = work / ("input.txt" if dataset == "pretrain" else "input.jsonl")
+    out = work / "out"
     source.write_bytes(content)
     err = io.StringIO()
     args = [dataset, f"--input={source}", f"--output={out / 'data'}"]

@@ -1,13 +1,14 @@
 """Validation of the user's data files (the `validate_*` stages) with a Great Expectations suite.
 
-Each line of the user's file becomes a row (line number, decode/parse status, field values);
-a GX Expectation Suite per dataset checks the rows; every unexpected row becomes a message
-`file:line: what is wrong`. Only a file that passes is written out, in canonical form and, for
-prompt/response data, already split into train and eval by `seed`, so downstream stages never
-see unvalidated data and the split is decided in one place.
+Each line of the user's file, or each row of a table (`lmpipeline.sources`: Parquet, CSV, a saved
+dataset), becomes a row (its position, decode/parse status, field values); a GX Expectation Suite
+per dataset checks the rows; every unexpected row becomes a message `file:line: what is wrong`
+(`file: row N: what is wrong` in a table without lines). Only a file that passes is written out,
+in canonical form and, for prompt/response data, already split into train and eval by `seed`, so
+downstream stages never see unvalidated data and the split is decided in one place.
 
-The file is read as a stream, `validate.chunk_lines` lines at a time: the checks of one line
-(decoding, JSON, text, fields, lengths) run on each chunk, and what is written goes to a
+The file is read as a stream, `validate.chunk_lines` lines (or rows) at a time: the checks of one
+line (decoding, JSON, text, fields, lengths) run on each chunk, and what is written goes to a
 temporary file as it is checked. The checks across lines (exact duplicates, and prompts on both
 sides of the split) keep a 16-byte digest of each record and of each split key, not the texts, and
 run once the file has been read, on a frame of those digests. Memory holds one chunk and the
@@ -21,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,12 +41,12 @@ from lmpipeline.data import (
     follow_umask,
     prompt_key,
     publishing_dir,
-    read_lines,
     text_problem,
     visible,
 )
 from lmpipeline.errors import StageError
-from lmpipeline.params import Bounds, Params
+from lmpipeline.params import DATASET_FIELDS, Bounds, Params
+from lmpipeline.sources import RawRow, Source, open_source
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -58,15 +60,15 @@ RECORD = "record"  # pseudo-field of checks on the whole line
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    fields: tuple[str, ...]  # ("text",) for plain text, one passage per line
-    jsonl: bool
+    fields: tuple[str, ...]  # ("text",) for the corpus: one passage per line of its output
+    jsonl: bool  # the output is JSONL records split into train and eval, not passages
     split_key: str | None = None  # field whose repeats across train/eval are leakage
 
 
 DATASETS = {
-    "pretrain": Dataset("pretrain", ("text",), jsonl=False),
-    "sft": Dataset("sft", ("prompt", "response"), jsonl=True, split_key="prompt"),
-    "rag": Dataset("rag", ("question", "answer"), jsonl=True, split_key="question"),
+    "pretrain": Dataset("pretrain", DATASET_FIELDS["pretrain"], jsonl=False),
+    "sft": Dataset("sft", DATASET_FIELDS["sft"], jsonl=True, split_key="prompt"),
+    "rag": Dataset("rag", DATASET_FIELDS["rag"], jsonl=True, split_key="question"),
 }
 
 
@@ -86,16 +88,24 @@ class Problem:
 
 
 class ValidationFailed(StageError):
-    """The file has `total` problems; `problems` are the first ones by line, up to `max_errors`:
-    one `file:line: message` each."""
+    """The file has `total` problems; `problems` are the first ones by position, up to
+    `max_errors`: one `file:line: message` each (`file: row N: message` where `unit` is a row)."""
 
-    def __init__(self, path: Path, problems: list[Problem], total: int, max_errors: int) -> None:
+    def __init__(
+        self, path: Path, problems: list[Problem], total: int, max_errors: int, unit: str = "line"
+    ) -> None:
         super().__init__(f"{path}: {total} problem(s)")
         self.path, self.problems, self.total = path, problems[:max_errors], total
+        self.unit = unit
+
+    def where(self, position: int) -> str:
+        if self.unit == "line":
+            return f"{self.path}:{position}"
+        return f"{self.path}: {self.unit} {position}" if position else str(self.path)
 
     def report(self, stage: str) -> str:
         """The problems as `file:line: message` lines (they name the file, not the stage)."""
-        shown = [f"{self.path}:{p.line}: {p.message}" for p in self.problems]
+        shown = [f"{self.where(p.line)}: {p.message}" for p in self.problems]
         if self.total > len(self.problems):
             shown.append(f"... and {self.total - len(self.problems)} more (validate.max_errors)")
         shown.append(f"{self.path}: {self.total} problem(s); nothing was written")
@@ -105,10 +115,10 @@ class ValidationFailed(StageError):
 # --- rows --------------------------------------------------------------------------------------
 
 
-def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
-    """One row per non-blank line: status columns, one column per field (with its length after
-    stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds) for raw in lines]
+def to_frame(lines: Iterable[RawLine | RawRow], ds: Dataset, source: Source) -> pd.DataFrame:
+    """One row per non-blank line or table row: status columns, one column per field (with its
+    length after stripping and whether anything visible is left), the canonical record."""
+    rows = [_row(raw, ds, source) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
     columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
     return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
@@ -148,48 +158,84 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
-    row: dict[str, Any] = {"line": raw.number, "decoded": raw.text is not None, "parsed": False}
-    row["error"] = raw.decode_error
-    if raw.text is None:
-        return row
-    # The line itself first: a raw control character or a byte-order mark is no text, in a
-    # JSON line as in a passage (JSON would only say "invalid control character").
-    obj: Any = {"text": raw.text.strip()}
-    problem = text_problem(raw.text, multiline=False)
-    if ds.jsonl and problem is None:
-        obj, row["error"] = parse_object(raw.text)
+def _row(raw: RawLine | RawRow, ds: Dataset, source: Source) -> dict[str, Any]:
+    row: dict[str, Any] = {"line": raw.number, "decoded": True, "parsed": False, "error": None}
+    if isinstance(raw, RawRow):  # a table's row: parsed already, its cells checked below
+        obj, row["error"] = raw.record, raw.error
+        if obj is None:
+            return row
+        problem = None
+    elif raw.text is None:
+        return {**row, "decoded": False, "error": raw.decode_error}
+    else:
+        # The line itself first: a raw control character or a byte-order mark is no text, in a
+        # JSON line as in a passage (JSON would only say "invalid control character").
+        obj = {"text": raw.text.strip()}
+        problem = text_problem(raw.text, multiline=False)
+        if source.records and problem is None:
+            obj, row["error"] = parse_object(raw.text)
+            if row["error"] is not None:
+                return row
+            if not isinstance(obj, dict):
+                row["error"] = f"a JSON {type(obj).__name__}, not an object"
+                return row
+    if source.records and problem is None:
+        obj, row["error"] = source.mapped(obj)
         if row["error"] is not None:
             return row
-        if not isinstance(obj, dict):
-            row["error"] = f"a JSON {type(obj).__name__}, not an object"
-            return row
-        problem = next(  # escapes such as \u0000 decode to what the line could not hold
-            (
-                f"'{f}' holds a {p}"
-                for f in ds.fields
-                if isinstance(obj.get(f), str) and (p := text_problem(obj[f], multiline=True))
-            ),
-            None,
-        )
+        problem = _fields_problem(obj, ds, source)
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
-    for f in ds.fields:
-        value = obj.get(f)
+    values = {f: obj.get(f) for f in ds.fields}
+    if not ds.jsonl:  # a passage from a record is stripped, as a line of a .txt file is
+        values = {f: v.strip() if isinstance(v, str) else v for f, v in values.items()}
+    for f, value in values.items():
         row[f] = value
         if isinstance(value, str):
             row[f + CHARS] = len(value.strip())
             row[f + VISIBLE] = bool(visible(value))
-    row[RECORD] = canonical_json({f: obj.get(f) for f in ds.fields})
+    row[RECORD] = _canonical(values)
     return row
+
+
+LINE_BREAK = re.compile("[\n\r]")
+
+
+def _fields_problem(obj: dict[str, Any], ds: Dataset, source: Source) -> str | None:
+    """What in a record's string fields is not text, or None: JSON escapes such as \\u0000
+    decode to what a line could not hold, and a table's cell holds anything. A passage is one
+    line of the corpus: it is stripped, as a line of a .txt file is (so a cell's trailing line
+    break goes), and a line break inside it is refused."""
+    for f in ds.fields:
+        value = obj.get(f)
+        if not isinstance(value, str):
+            continue
+        inside = (len(value) - len(value.lstrip()), len(value.rstrip()))
+        if not ds.jsonl and (found := LINE_BREAK.search(value, *inside)):
+            return (
+                f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a passage"
+                " is one line: give each passage a row of its own"
+            )
+        if problem := text_problem(value, multiline=True):
+            return f"'{source.name(f)}' holds a {problem}"
+    return None
+
+
+def _canonical(values: dict[str, Any]) -> str | None:
+    """The canonical JSON of a record's fields; None where a value has no JSON form (bytes, a
+    date from a Parquet file), which the field's type check reports."""
+    try:
+        return canonical_json(values)
+    except TypeError:
+        return None
 
 
 # --- the suite ---------------------------------------------------------------------------------
 
 
-def row_checks(ds: Dataset, params: Params) -> list[Check]:
-    """The expectations on each line alone, in the order problems are worth reporting."""
+def row_checks(ds: Dataset, params: Params, source: Source) -> list[Check]:
+    """The expectations on each line or row alone, in the order problems are worth reporting."""
     checks = [
         Check(
             gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True]),
@@ -197,12 +243,12 @@ def row_checks(ds: Dataset, params: Params) -> list[Check]:
             lambda r: f"not valid UTF-8 ({r['error']}); re-save the file as UTF-8",
         )
     ]
-    if ds.jsonl:
+    if source.records:
         checks.append(
             Check(
                 gxe.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True]),
                 RECORD,
-                lambda r: f"not one well-formed JSON object: {r['error']}",
+                lambda r: f"not one well-formed {source.shape}: {r['error']}",
             )
         )
     checks.append(
@@ -215,53 +261,58 @@ def row_checks(ds: Dataset, params: Params) -> list[Check]:
     )
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
-        checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name))
+        checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name), source)
     return checks
 
 
-def cross_checks(ds: Dataset) -> list[Check]:
-    """The expectations across lines, on the frame of digests (`Digests.frame`)."""
+def cross_checks(ds: Dataset, source: Source) -> list[Check]:
+    """The expectations across lines or rows, on the frame of digests (`Digests.frame`)."""
+    unit = source.unit
     checks = [
         Check(
             gxe.ExpectColumnValuesToBeUnique(column=RECORD),
             RECORD,
             lambda r: (
-                "exact duplicate of line(s) "
+                f"exact duplicate of {unit}(s) "
                 f"{_lines([n for n in r['copies'] if n != r['line']])}; keep one copy"
             ),
         )
     ]
     if ds.split_key:
-        key = ds.split_key
+        key = source.name(ds.split_key)
         checks.append(
             Check(
                 gxe.ExpectColumnValuesToBeNull(column="leaks_to"),
                 RECORD,
                 lambda r: (
-                    f"{key} also at line(s) {_lines(r['leaks_to'])}, which the split puts on the "
-                    f"other side of train/eval (leakage); merge or reword the repeats"
+                    f"{key} also at {unit}(s) {_lines(r['leaks_to'])}, which the split puts on "
+                    f"the other side of train/eval (leakage); merge or reword the repeats"
                 ),
             )
         )
     return checks
 
 
-def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
+def _field_checks(param: str, name: str, bounds: Bounds, source: Source) -> list[Check]:
+    label = source.name(name)  # the file's name for the field: messages speak of its columns
+    mapped = f" (data.columns.{source.dataset} maps it onto '{name}')" if label != name else ""
     return [
         Check(
             gxe.ExpectColumnValuesToNotBeNull(column=name),
             name,
-            lambda r: f"'{name}' is null" if name in r["obj"] else f"missing key '{name}'",
+            lambda r: (
+                f"'{label}' is null" if name in r["obj"] else f"missing key '{label}'{mapped}"
+            ),
         ),
         Check(
             gxe.ExpectColumnValuesToBeOfType(column=name, type_="str"),
             name,
-            lambda r: f"'{name}' must be a string, got {type(r[name]).__name__} {r[name]!r:.40}",
+            lambda r: f"'{label}' must be a string, got {type(r[name]).__name__} {r[name]!r:.40}",
         ),
         Check(
             gxe.ExpectColumnValuesToBeInSet(column=name + VISIBLE, value_set=[True]),
             name,
-            lambda r: f"'{name}' is empty once whitespace and invisible characters are removed",
+            lambda r: f"'{label}' is empty once whitespace and invisible characters are removed",
         ),
         Check(
             gxe.ExpectColumnValuesToBeBetween(
@@ -271,7 +322,7 @@ def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
             lambda r: (
                 # int: the column is float in a chunk where another line has no count (NaN),
                 # and the message must not depend on how the file was cut into chunks.
-                f"'{name}' has {int(r[name + CHARS])} characters once stripped, outside "
+                f"'{label}' has {int(r[name + CHARS])} characters once stripped, outside "
                 f"[{bounds.min_chars}, {bounds.max_chars}] ({param} in params.yaml)"
             ),
         ),
@@ -434,23 +485,24 @@ class Scan:
 
 
 def scan(
-    path: Path, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
+    source: Source, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
 ) -> Scan:
-    """Check each line of `path`, `chunk_lines` at a time, and write the records that hold text
-    to `staged` as they pass (the text of a passage, or the canonical JSON of a record)."""
+    """Check each line or row of `source`, `chunk_lines` at a time, and write the records that
+    hold text to `staged` as they pass (the text of a passage, or the canonical JSON of a
+    record)."""
     found = Scan()
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
-        read_lines(path),
+        source.rows(),
         desc=f"validate {ds.name}",
-        unit=" lines",
+        unit=f" {source.unit}s",
         unit_scale=True,
         disable=None,
         leave=False,
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
     for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
-        frame = to_frame(chunk, ds)
+        frame = to_frame(chunk, ds, source)
         problems = suite.run(frame)
         found.problems += problems[: max_errors - len(found.problems)]
         found.total += len(problems)
@@ -505,8 +557,9 @@ def validate_file(
     Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
     raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
-    row_suite = Suite(ds.name, row_checks(ds, params))
-    cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds))
+    source = open_source(path, ds.name, ds.fields, getattr(params.data.columns, ds.name))
+    row_suite = Suite(ds.name, row_checks(ds, params, source))
+    cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds, source))
     # Staged beside the output (a rename publishes it); folders made for it go if it fails.
     made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -514,7 +567,7 @@ def validate_file(
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
             follow_umask(fd)  # pretrain's output, once renamed
-            found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            found = scan(source, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
             across = cross_suite.run(frame)
@@ -523,7 +576,7 @@ def validate_file(
             if found.records == 0 and not problems:
                 problems, total = [Problem(0, "no records: the file is empty")], 1
             if problems:
-                raise ValidationFailed(path, problems, total, cfg.max_errors)
+                raise ValidationFailed(path, problems, total, cfg.max_errors, source.unit)
             metrics: dict[str, Any] = {
                 "records": found.records,
                 "words": found.words,

@@ -9,6 +9,9 @@ the validated passages that state its answer (`lmpipeline.rag.knowledge` has the
         --passages output/data/pretrain.txt --metrics metrics/validate/rag.json \
         --report metrics/validate/rag.md
 
+The input may be a .jsonl, .txt (pretrain), .parquet or .csv file, or a folder saved by
+`Dataset.save_to_disk` (`lmpipeline.sources` reads each); dvc.yaml passes params' `data.<dataset>`,
+and the stage reads the column mapping, `data.columns.<dataset>`, from the params itself.
 The suites and the split are in `lmpipeline.validation`.
 """
 
@@ -31,9 +34,9 @@ from lmpipeline.validation import DATASETS, render_report, validate_file
 @dataclass(frozen=True)
 class ValidatePaths:
     dataset: str = field(metadata={"choices": sorted(DATASETS)})
-    """The kind of data: pretrain (text), sft or rag (JSONL)."""
+    """The kind of data: pretrain (passages), sft or rag (records)."""
     input: Path = field(metadata=INPUT)
-    """The user's data file."""
+    """The user's data: a .jsonl, .txt (pretrain), .parquet or .csv file, or a saved dataset."""
     output: Path
     """The canonical file (pretrain), or the directory of train.jsonl and eval.jsonl."""
     metrics: Path

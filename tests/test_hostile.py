@@ -73,7 +73,8 @@ def outcome(source: Path, ds: Dataset, chunk_lines: int, work: Path) -> tuple[An
 def check(root: Path, dataset: str, content: bytes) -> None:
     ds = DATASETS[dataset]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        source, streamed, whole = Path(tmp) / "input", Path(tmp) / "2", Path(tmp) / "all"
+        name = "input.txt" if dataset == "pretrain" else "input.jsonl"
+        source, streamed, whole = Path(tmp) / name, Path(tmp) / "2", Path(tmp) / "all"
         source.write_bytes(content)
         streamed.mkdir()
         whole.mkdir()
