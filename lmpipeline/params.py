@@ -105,9 +105,9 @@ class PretrainBounds:
 @dataclass(frozen=True)
 class SftBounds:
     prompt: Bounds = Bounds(min_chars=2, max_chars=4000)
-    """Length bounds of a prompt."""
+    """Length bounds of a prompt (of a conversation: every system and user turn)."""
     response: Bounds = Bounds(min_chars=1, max_chars=8000)
-    """Length bounds of a response."""
+    """Length bounds of a response (of a conversation: every assistant turn)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lmpipeline.conversations import (
+    PAIR,
+    NotAConversation,
+    Shape,
+    canonical,
+    messages_of,
+    shape_of,
+)
 from lmpipeline.data import (
     RawLine,
     canonical_json,
@@ -43,7 +51,7 @@ from lmpipeline.data import (
     visible,
 )
 from lmpipeline.errors import StageError
-from lmpipeline.params import Bounds, Params
+from lmpipeline.params import Bounds, Params, SftBounds, ValidateParams
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -60,11 +68,16 @@ class Dataset:
     fields: tuple[str, ...]  # ("text",) for plain text, one passage per line
     jsonl: bool
     split_key: str | None = None  # field whose repeats across train/eval are leakage
+    conversations: bool = False  # records in any of the shapes of lmpipeline.conversations
 
 
 DATASETS = {
     "pretrain": Dataset("pretrain", ("text",), jsonl=False),
-    "sft": Dataset("sft", ("prompt", "response"), jsonl=True, split_key="prompt"),
+    # A conversation's first user turn and last assistant turn stand in its prompt and response
+    # columns: the split key is the conversation's start, so no start lands on both sides.
+    "sft": Dataset(
+        "sft", ("prompt", "response"), jsonl=True, split_key="prompt", conversations=True
+    ),
     "rag": Dataset("rag", ("question", "answer"), jsonl=True, split_key="question"),
 }
 
@@ -104,19 +117,41 @@ class ValidationFailed(StageError):
 # --- rows --------------------------------------------------------------------------------------
 
 
-def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
+class Shapes:
+    """The shape of a file's records: the first record's (lmpipeline.conversations). Kept across
+    the chunks of a file, so a record of another shape is found wherever it stands."""
+
+    def __init__(self, bounds: SftBounds) -> None:
+        self.bounds = bounds  # of each turn: prompt's for system and user, response's for assistant
+        self.first: tuple[Shape, int] | None = None
+
+    def check(self, shape: Shape, line: int) -> None:
+        if self.first is None:
+            self.first = (shape, line)
+        elif self.first[0] is not shape:
+            first, at = self.first
+            raise NotAConversation(
+                f"a {shape.name} record in a file whose first record (line {at}) is"
+                f" {first.name}: one shape per file"
+            )
+
+
+def to_frame(lines: Iterable[RawLine], ds: Dataset, shapes: Shapes) -> pd.DataFrame:
     """One row per non-blank line: status columns, one column per field (with its length after
     stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds) for raw in lines]
+    rows = [_row(raw, ds, shapes) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
-    columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
-    return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
-        {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
+    columns = ["line", "decoded", "parsed", "is_text", "shaped", "error", "obj", *ds.fields]
+    extra = ["is_text", "shaped", "error", "obj", *ds.fields, *derived, RECORD]
+    return pd.DataFrame(rows, columns=[*columns, *derived, WORDS, EXTRA, RECORD]).astype(
+        dict.fromkeys(extra, object)
     )
 
 
 CHARS = "__chars"  # suffix of a field's length column: characters after stripping
 VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
+WORDS = "__words"  # words of the record's texts (all turns of a conversation)
+EXTRA = "__extra"  # does the record hold keys its shape does not read
 
 
 class DuplicateKey(ValueError):
@@ -147,7 +182,7 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
+def _row(raw: RawLine, ds: Dataset, shapes: Shapes) -> dict[str, Any]:
     row: dict[str, Any] = {"line": raw.number, "decoded": raw.text is not None, "parsed": False}
     row["error"] = raw.decode_error
     if raw.text is None:
@@ -163,25 +198,57 @@ def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
         if not isinstance(obj, dict):
             row["error"] = f"a JSON {type(obj).__name__}, not an object"
             return row
+    shape = shape_of(obj) if ds.conversations else Shape(ds.name, ds.fields)
+    if ds.jsonl and problem is None:
         problem = next(  # escapes such as \u0000 decode to what the line could not hold
             (
                 f"'{f}' holds a {p}"
-                for f in ds.fields
-                if isinstance(obj.get(f), str) and (p := text_problem(obj[f], multiline=True))
+                for f in shape.keys
+                for text in _strings(obj.get(f))
+                if (p := text_problem(text, multiline=True))
             ),
             None,
         )
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
+    record = {f: obj.get(f) for f in ds.fields}
+    texts = list(record.values())
+    if ds.conversations:
+        try:
+            shapes.check(shape, raw.number)
+            turns = None if shape is PAIR else messages_of(obj, shape, shapes.bounds)
+        except NotAConversation as err:
+            row.update(shaped=False, error=str(err))
+            return row
+        record = canonical(obj, shape, turns)
+        if turns is not None:
+            texts = [t["content"] for t in turns]
+            obj = {
+                "prompt": next(t["content"] for t in turns if t["role"] == "user"),
+                "response": turns[-1]["content"],
+            }
+    row["shaped"] = True
     for f in ds.fields:
         value = obj.get(f)
         row[f] = value
         if isinstance(value, str):
             row[f + CHARS] = len(value.strip())
             row[f + VISIBLE] = bool(visible(value))
-    row[RECORD] = canonical_json({f: obj.get(f) for f in ds.fields})
+    row[WORDS] = sum(len(t.split()) for t in texts if isinstance(t, str))
+    row[EXTRA] = bool(set(row["obj"]) - set(shape.keys))
+    row[RECORD] = canonical_json(record)
     return row
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings in a field's value: itself, or those of the turns of a conversation."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                yield from (v for v in item.values() if isinstance(v, str))
 
 
 # --- the suite ---------------------------------------------------------------------------------
@@ -212,6 +279,15 @@ def row_checks(ds: Dataset, params: Params) -> list[Check]:
             lambda r: f"not text: {r['error']}",
         )
     )
+    if ds.conversations:
+        checks.append(
+            Check(
+                # null where the line did not get this far: the checks above speak for it
+                gxe.ExpectColumnValuesToBeInSet(column="shaped", value_set=[True]),
+                RECORD,
+                lambda r: str(r["error"]),
+            )
+        )
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
         checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name))
@@ -333,7 +409,7 @@ class Suite:
             for idx in res.result.get("unexpected_index_list") or []:
                 row = frame.loc[idx]
                 # A line that did not decode, parse or hold text has no fields to speak of.
-                usable = row["parsed"] and row["is_text"]
+                usable = row["parsed"] and row["is_text"] and row["shaped"]
                 if check.field != RECORD and not usable:
                     continue
                 slot = (int(row["line"]), check.field if usable else RECORD)
@@ -414,7 +490,7 @@ class Digests:
                 if len(other):
                     leaks_to[row] = lines[other].tolist()
         frame = pd.DataFrame(
-            {"line": lines, "parsed": usable, "is_text": usable, RECORD: records}
+            {"line": lines, "parsed": usable, "is_text": usable, "shaped": usable, RECORD: records}
         ).assign(copies=copies, leaks_to=leaks_to)
         return frame, held_out
 
@@ -433,11 +509,16 @@ class Scan:
 
 
 def scan(
-    path: Path, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
+    path: Path,
+    ds: Dataset,
+    suite: Suite,
+    staged: IO[str],
+    cfg: ValidateParams,
 ) -> Scan:
-    """Check each line of `path`, `chunk_lines` at a time, and write the records that hold text
-    to `staged` as they pass (the text of a passage, or the canonical JSON of a record)."""
-    found = Scan()
+    """Check each line of `path`, `validate.chunk_lines` at a time, and write the records that
+    hold text to `staged` as they pass (the text of a passage, or the canonical JSON of a
+    record)."""
+    found, shapes = Scan(), Shapes(cfg.sft)
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
         read_lines(path),
@@ -448,18 +529,18 @@ def scan(
         leave=False,
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
-    for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
-        frame = to_frame(chunk, ds)
+    for chunk in iter(lambda: list(itertools.islice(lines, cfg.chunk_lines)), []):
+        frame = to_frame(chunk, ds, shapes)
         problems = suite.run(frame)
-        found.problems += problems[: max_errors - len(found.problems)]
+        found.problems += problems[: cfg.max_errors - len(found.problems)]
         found.total += len(problems)
         found.digests.add(frame, ds.split_key)
         found.records += len(frame)
         kept = frame[frame[RECORD].notna()]
         if found.total:  # nothing will be written: only the checks go on
             continue
-        found.words += sum(len(v.split()) for f in ds.fields for v in kept[f])
-        found.with_extra_fields += sum(bool(set(o) - set(ds.fields)) for o in kept["obj"])
+        found.words += int(kept[WORDS].sum())
+        found.with_extra_fields += int(kept[EXTRA].sum())
         staged.writelines(t + "\n" for t in (kept[RECORD] if ds.jsonl else kept["text"]))
     return found
 
@@ -512,7 +593,7 @@ def validate_file(
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
-            found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            found = scan(path, ds, row_suite, staged, cfg)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
             across = cross_suite.run(frame)
