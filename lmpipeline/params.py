@@ -105,9 +105,9 @@ class PretrainBounds:
 @dataclass(frozen=True)
 class SftBounds:
     prompt: Bounds = Bounds(min_chars=2, max_chars=4000)
-    """Length bounds of a prompt."""
+    """Length bounds of a prompt (of a conversation: every system and user turn)."""
     response: Bounds = Bounds(min_chars=1, max_chars=8000)
-    """Length bounds of a response."""
+    """Length bounds of a response (of a conversation: every assistant turn)."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,16 @@ class ValidateParams:
     rag: RagBounds = RagBounds()
 
 
-# The fields of each dataset's records, as lmpipeline.validation checks them: what a column
-# mapping (`data.columns`) may map a user's column onto.
+# The keys each dataset's records are read by, as lmpipeline.validation checks them (for SFT,
+# those of every shape lmpipeline.conversations reads): what a column mapping (`data.columns`)
+# may map a user's column onto.
 DATASET_FIELDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("text",),
-    "sft": ("prompt", "response"),
+    "sft": (
+        *("prompt", "response"),
+        *("messages", "conversations"),
+        *("instruction", "input", "output", "system"),
+    ),
     "rag": ("question", "answer"),
 }
 
@@ -146,7 +151,8 @@ class ColumnMaps:
     pretrain: dict[str, str] = field(default_factory=dict)
     """Onto text, the passage: `{body: text}`."""
     sft: dict[str, str] = field(default_factory=dict)
-    """Onto prompt and response: `{instruction: prompt, output: response}`."""
+    """Onto prompt and response, or the keys of another shape of SFT data (docs/data.md):
+    `{question: prompt, answer: response}`, `{dialog: messages}`."""
     rag: dict[str, str] = field(default_factory=dict)
     """Onto question and answer: `{query: question, reply: answer}`."""
 

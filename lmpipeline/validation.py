@@ -34,6 +34,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lmpipeline.conversations import (
+    PAIR,
+    NotAConversation,
+    Shape,
+    canonical,
+    messages_of,
+    shape_of,
+)
 from lmpipeline.data import (
     RawLine,
     canonical_json,
@@ -45,7 +53,7 @@ from lmpipeline.data import (
     visible,
 )
 from lmpipeline.errors import StageError
-from lmpipeline.params import DATASET_FIELDS, Bounds, Params
+from lmpipeline.params import DATASET_FIELDS, Bounds, Params, SftBounds, ValidateParams
 from lmpipeline.sources import RawRow, Source, open_source
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
@@ -63,11 +71,16 @@ class Dataset:
     fields: tuple[str, ...]  # ("text",) for the corpus: one passage per line of its output
     jsonl: bool  # the output is JSONL records split into train and eval, not passages
     split_key: str | None = None  # field whose repeats across train/eval are leakage
+    conversations: bool = False  # records in any of the shapes of lmpipeline.conversations
 
 
 DATASETS = {
     "pretrain": Dataset("pretrain", DATASET_FIELDS["pretrain"], jsonl=False),
-    "sft": Dataset("sft", DATASET_FIELDS["sft"], jsonl=True, split_key="prompt"),
+    # A conversation's first user turn and last assistant turn stand in its prompt and response
+    # columns: the split key is the conversation's start, so no start lands on both sides.
+    "sft": Dataset(
+        "sft", ("prompt", "response"), jsonl=True, split_key="prompt", conversations=True
+    ),
     "rag": Dataset("rag", DATASET_FIELDS["rag"], jsonl=True, split_key="question"),
 }
 
@@ -115,19 +128,44 @@ class ValidationFailed(StageError):
 # --- rows --------------------------------------------------------------------------------------
 
 
-def to_frame(lines: Iterable[RawLine | RawRow], ds: Dataset, source: Source) -> pd.DataFrame:
+class Shapes:
+    """The shape of a file's records: the first record's (lmpipeline.conversations). Kept across
+    the chunks of a file, so a record of another shape is found wherever it stands."""
+
+    def __init__(self, bounds: SftBounds, unit: str) -> None:
+        self.bounds = bounds  # of each turn: prompt's for system and user, response's for assistant
+        self.unit = unit  # what a position counts: line or row
+        self.first: tuple[Shape, int] | None = None
+
+    def check(self, shape: Shape, number: int) -> None:
+        if self.first is None:
+            self.first = (shape, number)
+        elif self.first[0] is not shape:
+            first, at = self.first
+            raise NotAConversation(
+                f"a {shape.name} record in a file whose first record ({self.unit} {at}) is"
+                f" {first.name}: one shape per file"
+            )
+
+
+def to_frame(
+    lines: Iterable[RawLine | RawRow], ds: Dataset, source: Source, shapes: Shapes
+) -> pd.DataFrame:
     """One row per non-blank line or table row: status columns, one column per field (with its
     length after stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds, source) for raw in lines]
+    rows = [_row(raw, ds, source, shapes) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
-    columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
-    return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
-        {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
+    columns = ["line", "decoded", "parsed", "is_text", "shaped", "error", "obj", *ds.fields]
+    extra = ["is_text", "shaped", "error", "obj", *ds.fields, *derived, RECORD]
+    return pd.DataFrame(rows, columns=[*columns, *derived, WORDS, EXTRA, RECORD]).astype(
+        dict.fromkeys(extra, object)
     )
 
 
 CHARS = "__chars"  # suffix of a field's length column: characters after stripping
 VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
+WORDS = "__words"  # words of the record's texts (all turns of a conversation)
+EXTRA = "__extra"  # does the record hold keys its shape does not read
 
 
 class DuplicateKey(ValueError):
@@ -158,7 +196,7 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine | RawRow, ds: Dataset, source: Source) -> dict[str, Any]:
+def _row(raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes) -> dict[str, Any]:
     row: dict[str, Any] = {"line": raw.number, "decoded": True, "parsed": False, "error": None}
     if isinstance(raw, RawRow):  # a table's row: parsed already, its cells checked below
         obj, row["error"] = raw.record, raw.error
@@ -179,47 +217,77 @@ def _row(raw: RawLine | RawRow, ds: Dataset, source: Source) -> dict[str, Any]:
             if not isinstance(obj, dict):
                 row["error"] = f"a JSON {type(obj).__name__}, not an object"
                 return row
+    shape = Shape(ds.name, ds.fields)
     if source.records and problem is None:
         obj, row["error"] = source.mapped(obj)
         if row["error"] is not None:
             return row
-        problem = _fields_problem(obj, ds, source)
+        shape = shape_of(obj) if ds.conversations else shape
+        problem = _fields_problem(obj, shape.keys, ds, source)
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
     values = {f: obj.get(f) for f in ds.fields}
     if not ds.jsonl:  # a passage from a record is stripped, as a line of a .txt file is
         values = {f: v.strip() if isinstance(v, str) else v for f, v in values.items()}
+    record, texts = values, list(values.values())
+    if ds.conversations:
+        try:
+            shapes.check(shape, raw.number)
+            turns = None if shape is PAIR else messages_of(obj, shape, shapes.bounds)
+        except NotAConversation as err:
+            row.update(shaped=False, error=str(err))
+            return row
+        record = canonical(obj, shape, turns)
+        if turns is not None:
+            texts = [t["content"] for t in turns]
+            values = {
+                "prompt": next(t["content"] for t in turns if t["role"] == "user"),
+                "response": turns[-1]["content"],
+            }
+    row["shaped"] = True
     for f, value in values.items():
         row[f] = value
         if isinstance(value, str):
             row[f + CHARS] = len(value.strip())
             row[f + VISIBLE] = bool(visible(value))
-    row[RECORD] = _canonical(values)
+    row[WORDS] = sum(len(t.split()) for t in texts if isinstance(t, str))
+    row[EXTRA] = bool(set(obj) - set(shape.keys))
+    row[RECORD] = _canonical(record)
     return row
 
 
 LINE_BREAK = re.compile("[\n\r]")
 
 
-def _fields_problem(obj: dict[str, Any], ds: Dataset, source: Source) -> str | None:
-    """What in a record's string fields is not text, or None: JSON escapes such as \\u0000
-    decode to what a line could not hold, and a table's cell holds anything. A passage is one
-    line of the corpus: it is stripped, as a line of a .txt file is (so a cell's trailing line
-    break goes), and a line break inside it is refused."""
-    for f in ds.fields:
-        value = obj.get(f)
-        if not isinstance(value, str):
-            continue
-        inside = (len(value) - len(value.lstrip()), len(value.rstrip()))
-        if not ds.jsonl and (found := LINE_BREAK.search(value, *inside)):
-            return (
-                f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a passage"
-                " is one line: give each passage a row of its own"
-            )
-        if problem := text_problem(value, multiline=True):
-            return f"'{source.name(f)}' holds a {problem}"
+def _fields_problem(
+    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source
+) -> str | None:
+    """What in the strings of a record's `keys` (a conversation's turns included) is not text,
+    or None: JSON escapes such as \\u0000 decode to what a line could not hold, and a table's
+    cell holds anything. A passage is one line of the corpus: it is stripped, as a line of a .txt
+    file is (so a cell's trailing line break goes), and a line break inside it is refused."""
+    for f in keys:
+        for value in _strings(obj.get(f)):
+            inside = (len(value) - len(value.lstrip()), len(value.rstrip()))
+            if not ds.jsonl and (found := LINE_BREAK.search(value, *inside)):
+                return (
+                    f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a"
+                    " passage is one line: give each passage a row of its own"
+                )
+            if problem := text_problem(value, multiline=True):
+                return f"'{source.name(f)}' holds a {problem}"
     return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings in a field's value: itself, or those of the turns of a conversation."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                yield from (v for v in item.values() if isinstance(v, str))
 
 
 def _canonical(values: dict[str, Any]) -> str | None:
@@ -259,6 +327,15 @@ def row_checks(ds: Dataset, params: Params, source: Source) -> list[Check]:
             lambda r: f"not text: {r['error']}",
         )
     )
+    if ds.conversations:
+        checks.append(
+            Check(
+                # null where the line did not get this far: the checks above speak for it
+                gxe.ExpectColumnValuesToBeInSet(column="shaped", value_set=[True]),
+                RECORD,
+                lambda r: str(r["error"]),
+            )
+        )
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
         checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name), source)
@@ -385,7 +462,7 @@ class Suite:
             for idx in res.result.get("unexpected_index_list") or []:
                 row = frame.loc[idx]
                 # A line that did not decode, parse or hold text has no fields to speak of.
-                usable = row["parsed"] and row["is_text"]
+                usable = row["parsed"] and row["is_text"] and row["shaped"]
                 if check.field != RECORD and not usable:
                     continue
                 slot = (int(row["line"]), check.field if usable else RECORD)
@@ -466,7 +543,7 @@ class Digests:
                 if len(other):
                     leaks_to[row] = lines[other].tolist()
         frame = pd.DataFrame(
-            {"line": lines, "parsed": usable, "is_text": usable, RECORD: records}
+            {"line": lines, "parsed": usable, "is_text": usable, "shaped": usable, RECORD: records}
         ).assign(copies=copies, leaks_to=leaks_to)
         return frame, held_out
 
@@ -484,13 +561,11 @@ class Scan:
     with_extra_fields: int = 0
 
 
-def scan(
-    source: Source, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
-) -> Scan:
-    """Check each line or row of `source`, `chunk_lines` at a time, and write the records that
-    hold text to `staged` as they pass (the text of a passage, or the canonical JSON of a
-    record)."""
-    found = Scan()
+def scan(source: Source, ds: Dataset, suite: Suite, staged: IO[str], cfg: ValidateParams) -> Scan:
+    """Check each line or row of `source`, `validate.chunk_lines` at a time, and write the
+    records that hold text to `staged` as they pass (the text of a passage, or the canonical JSON
+    of a record)."""
+    found, shapes = Scan(), Shapes(cfg.sft, source.unit)
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
         source.rows(),
@@ -501,18 +576,18 @@ def scan(
         leave=False,
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
-    for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
-        frame = to_frame(chunk, ds, source)
+    for chunk in iter(lambda: list(itertools.islice(lines, cfg.chunk_lines)), []):
+        frame = to_frame(chunk, ds, source, shapes)
         problems = suite.run(frame)
-        found.problems += problems[: max_errors - len(found.problems)]
+        found.problems += problems[: cfg.max_errors - len(found.problems)]
         found.total += len(problems)
         found.digests.add(frame, ds.split_key)
         found.records += len(frame)
         kept = frame[frame[RECORD].notna()]
         if found.total:  # nothing will be written: only the checks go on
             continue
-        found.words += sum(len(v.split()) for f in ds.fields for v in kept[f])
-        found.with_extra_fields += sum(bool(set(o) - set(ds.fields)) for o in kept["obj"])
+        found.words += int(kept[WORDS].sum())
+        found.with_extra_fields += int(kept[EXTRA].sum())
         staged.writelines(t + "\n" for t in (kept[RECORD] if ds.jsonl else kept["text"]))
     return found
 
@@ -557,7 +632,8 @@ def validate_file(
     Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
     raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
-    source = open_source(path, ds.name, ds.fields, getattr(params.data.columns, ds.name))
+    columns = getattr(params.data.columns, ds.name)
+    source = open_source(path, ds.name, DATASET_FIELDS[ds.name], columns)
     row_suite = Suite(ds.name, row_checks(ds, params, source))
     cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds, source))
     # Staged beside the output (a rename publishes it); folders made for it go if it fails.
@@ -567,7 +643,7 @@ def validate_file(
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
             follow_umask(fd)  # pretrain's output, once renamed
-            found = scan(source, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            found = scan(source, ds, row_suite, staged, cfg)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
             across = cross_suite.run(frame)

@@ -121,7 +121,8 @@ def test_bom_crlf_blank_lines_and_extra_fields_are_accepted(
     assert all(set(r) == {"prompt", "response"} for r in train + held_out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["records"] == len(GOOD) and metrics["with_extra_fields"] == len(GOOD)
-    assert "13/13 expectations met" in (out / "report.md").read_text()
+    # 12 on each line (the conversation check among them) and 2 across lines
+    assert "14/14 expectations met" in (out / "report.md").read_text()
 
 
 def test_prompt_repeated_across_train_and_eval_is_leakage(
