@@ -198,7 +198,8 @@ def test_a_column_mapping_names_a_dataset_and_maps_once_onto_each_field(tmp_path
     with pytest.raises(
         ParamsError,
         match=r"data\.columns\.sft\.instruction maps onto 'promt', which sft records do not have"
-        r" \(sft's fields: prompt, response\)",
+        r" \(sft's fields: prompt, response, messages, conversations, instruction, input, output,"
+        r" system\)",
     ):
         load_params(write(tmp_path, "data:\n  columns:\n    sft: {instruction: promt}\n"))
     with pytest.raises(

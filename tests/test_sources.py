@@ -285,11 +285,12 @@ def test_a_table_without_any_of_our_columns_is_refused_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A mapping forgotten: one line, not a missing key on every row."""
-    alpaca = [{"instruction": r["prompt"], "output": r["response"]} for r in GOOD]
-    source = write(alpaca, "parquet", tmp_path / "alpaca")
+    qa = [{"question": r["prompt"], "reply": r["response"]} for r in GOOD]
+    source = write(qa, "parquet", tmp_path / "qa")
     assert refusal(capsys, tmp_path, source) == [
-        f"validate_sft: {source}: none of the columns (instruction, output) is one of sft's fields"
-        " (prompt, response); rename one, or map it onto ours in data.columns.sft"
+        f"validate_sft: {source}: none of the columns (question, reply) is one of sft's fields"
+        " (prompt, response, messages, conversations, instruction, input, output, system);"
+        " rename one, or map it onto ours in data.columns.sft"
     ]
 
 
