@@ -27,6 +27,7 @@ from lmpipeline.data import prompt_key
 from lmpipeline.params import Params
 from lmpipeline.validation import DATASETS, Problem, ValidationFailed, validate_file
 from stages import validate
+from tests.test_conversations import in_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("parquet", "csv", "dataset")
@@ -416,3 +417,16 @@ def test_dvc_yaml_reads_each_validate_input_and_its_mapping_from_params(tmp_path
     assert " --input data/sft_saved " in cmd and "data/sft_saved" in deps
     assert "data/sft.jsonl" not in deps
     assert moved["validate_rag"] == default["validate_rag"]
+
+
+@pytest.mark.parametrize("shape", ["messages", "sharegpt"])
+@pytest.mark.parametrize("kind", ["parquet", "dataset"])
+def test_conversations_in_a_table_give_the_bytes_of_the_same_records_as_jsonl(
+    tmp_path: Path, shape: str, kind: str
+) -> None:
+    """A list of turns is a Parquet column of structs: the same conversations as in JSONL."""
+    records = [in_shape(shape, i) for i in range(12)]
+    ours = stage(tmp_path, "sft", write(records, "jsonl", tmp_path / "chats"))
+    work = tmp_path / kind
+    work.mkdir()
+    assert stage(work, "sft", write(records, kind, work / "chats")) == ours
