@@ -43,7 +43,8 @@ from lmpipeline.data import (
     visible,
 )
 from lmpipeline.errors import StageError
-from lmpipeline.params import Bounds, Params
+from lmpipeline.params import Bounds, Params, ValidateParams
+from lmpipeline.text_repair import KINDS, repair
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -104,19 +105,22 @@ class ValidationFailed(StageError):
 # --- rows --------------------------------------------------------------------------------------
 
 
-def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
-    """One row per non-blank line: status columns, one column per field (with its length after
-    stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds) for raw in lines]
+def to_frame(lines: Iterable[RawLine], ds: Dataset, repairing: bool) -> pd.DataFrame:
+    """One row per non-blank line: status columns, the kinds of repair made to it (with
+    `repairing`), one column per field (with its length after stripping and whether anything
+    visible is left), the canonical record."""
+    rows = [_row(raw, ds, repairing) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
-    columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
-    return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
-        {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
+    status = ["line", "decoded", "parsed", "is_text", "error", "obj", REPAIRS]
+    objects = ["is_text", "error", "obj", REPAIRS, *ds.fields, *derived, RECORD]
+    return pd.DataFrame(rows, columns=[*status, *ds.fields, *derived, RECORD]).astype(
+        dict.fromkeys(objects, object)
     )
 
 
 CHARS = "__chars"  # suffix of a field's length column: characters after stripping
 VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
+REPAIRS = "repairs"  # column of the kinds of repair made to a line (`text_repair.KINDS`)
 
 
 class DuplicateKey(ValueError):
@@ -147,15 +151,16 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
+def _row(raw: RawLine, ds: Dataset, repairing: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"line": raw.number, "decoded": raw.text is not None, "parsed": False}
-    row["error"] = raw.decode_error
+    row.update({"error": raw.decode_error, REPAIRS: ()})
     if raw.text is None:
         return row
     # The line itself first: a raw control character or a byte-order mark is no text, in a
-    # JSON line as in a passage (JSON would only say "invalid control character").
+    # JSON line as in a passage (JSON would only say "invalid control character"). What a
+    # repair mends is checked again once repaired, the rest before: no repair may hide it.
     obj: Any = {"text": raw.text.strip()}
-    problem = text_problem(raw.text, multiline=False)
+    problem = text_problem(raw.text, multiline=False, repairable=repairing)
     if ds.jsonl and problem is None:
         obj, row["error"] = parse_object(raw.text)
         if row["error"] is not None:
@@ -167,10 +172,14 @@ def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
             (
                 f"'{f}' holds a {p}"
                 for f in ds.fields
-                if isinstance(obj.get(f), str) and (p := text_problem(obj[f], multiline=True))
+                if isinstance(obj.get(f), str)
+                and (p := text_problem(obj[f], multiline=True, repairable=repairing))
             ),
             None,
         )
+    if repairing and problem is None:
+        # A passage unstripped: str.strip() also takes a NEL (U+0085) that must be refused.
+        obj, row[REPAIRS], problem = _repaired(obj if ds.jsonl else {"text": raw.text}, ds)
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
@@ -182,6 +191,24 @@ def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
             row[f + VISIBLE] = bool(visible(value))
     row[RECORD] = canonical_json({f: obj.get(f) for f in ds.fields})
     return row
+
+
+def _repaired(
+    obj: dict[str, Any], ds: Dataset
+) -> tuple[dict[str, Any], tuple[str, ...], str | None]:
+    """`obj` with the strings of its fields repaired, the kinds of repair made, and what still
+    makes one of them no text: a C1 control that was no mojibake, or what a repair decoded."""
+    obj, made = dict(obj), set()
+    for f in ds.fields:
+        if not isinstance(obj.get(f), str):
+            continue
+        fixed, kinds = repair(obj[f])
+        if problem := text_problem(fixed, multiline=ds.jsonl):
+            where = ", in the repaired text" if kinds else ""  # its columns are the repaired ones
+            return obj, (), f"'{f}' holds a {problem}{where}" if ds.jsonl else problem + where
+        obj[f] = fixed if ds.jsonl else fixed.strip()  # a passage is stripped, as before
+        made.update(kinds)
+    return obj, tuple(k for k in KINDS if k in made), None
 
 
 # --- the suite ---------------------------------------------------------------------------------
@@ -419,10 +446,33 @@ class Digests:
         return frame, held_out
 
 
+SHOWN_LINES = 5  # the lines of each kind of repair that the report names
+
+
+@dataclass
+class Repairs:
+    """The lines each kind of repair changed: how many, and the first `SHOWN_LINES` of them."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    first: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def __bool__(self) -> bool:
+        return any(self.counts.values())
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Count the repairs of a chunk's rows (chunks come in file order)."""
+        for line, kinds in zip(frame["line"], frame[REPAIRS], strict=True):
+            for kind in kinds:
+                self.counts[kind] += 1
+                if len(self.first[kind]) < SHOWN_LINES:
+                    self.first[kind].append(int(line))
+
+
 @dataclass
 class Scan:
     """What one pass over a file found: the digests, the first problems of single lines (up to
-    `validate.max_errors`, in file order) and their number, and the counts of its records."""
+    `validate.max_errors`, in file order) and their number, the counts of its records and the
+    repairs made."""
 
     digests: Digests = field(default_factory=Digests)
     problems: list[Problem] = field(default_factory=list)
@@ -430,13 +480,13 @@ class Scan:
     records: int = 0
     words: int = 0
     with_extra_fields: int = 0
+    repairs: Repairs = field(default_factory=Repairs)
 
 
-def scan(
-    path: Path, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
-) -> Scan:
-    """Check each line of `path`, `chunk_lines` at a time, and write the records that hold text
-    to `staged` as they pass (the text of a passage, or the canonical JSON of a record)."""
+def scan(path: Path, ds: Dataset, suite: Suite, staged: IO[str], cfg: ValidateParams) -> Scan:
+    """Check each line of `path`, `validate.chunk_lines` at a time, repaired first under
+    `validate.text: repair`, and write the records that hold text to `staged` as they pass
+    (the text of a passage, or the canonical JSON of a record)."""
     found = Scan()
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
@@ -448,12 +498,13 @@ def scan(
         leave=False,
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
-    for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
-        frame = to_frame(chunk, ds)
+    for chunk in iter(lambda: list(itertools.islice(lines, cfg.chunk_lines)), []):
+        frame = to_frame(chunk, ds, repairing=cfg.text == "repair")
         problems = suite.run(frame)
-        found.problems += problems[: max_errors - len(found.problems)]
+        found.problems += problems[: cfg.max_errors - len(found.problems)]
         found.total += len(problems)
         found.digests.add(frame, ds.split_key)
+        found.repairs.add(frame)
         found.records += len(frame)
         kept = frame[frame[RECORD].notna()]
         if found.total:  # nothing will be written: only the checks go on
@@ -491,18 +542,27 @@ def publish_splits(
     return counts
 
 
+@dataclass
+class Checked:
+    """What the report tells of a file that passed, besides its counts: each expectation's
+    outcome and the repairs made."""
+
+    outcomes: list[Outcome]
+    repairs: Repairs
+
+
 def validate_file(
     path: Path,
     ds: Dataset,
     params: Params,
     output: Path,
     golds: Callable[[], Golds] | None = None,
-) -> tuple[dict[str, Any], list[Outcome]]:
+) -> tuple[dict[str, Any], Checked]:
     """Check `path` and, only if it passes, write its canonical form to `output` (a text file,
     or train.jsonl and eval.jsonl split by `seed`, each question with the gold chunk ids of the
-    rule `golds` makes, once the file has passed).
-    Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
-    raise ValidationFailed, having written nothing, when it does not pass."""
+    rule `golds` makes, once the file has passed), repaired under `validate.text: repair`.
+    Return the counts (deterministic: no paths, no timestamps), each expectation's outcome and
+    the repairs; raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
     row_suite = Suite(ds.name, row_checks(ds, params))
     cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds))
@@ -512,7 +572,7 @@ def validate_file(
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
-            found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            found = scan(path, ds, row_suite, staged, cfg)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
             across = cross_suite.run(frame)
@@ -531,6 +591,8 @@ def validate_file(
             if ds.split_key:
                 metrics["train"] = int((~held_out).sum())
                 metrics["eval"] = int(held_out.sum())
+            if found.repairs:  # only then: a file that needs none keeps the counts it had
+                metrics["repairs"] = found.repairs.counts
             staged.seek(0)
             if ds.jsonl:
                 rule = golds() if golds else None
@@ -546,13 +608,12 @@ def validate_file(
                 folder.rmdir()
         raise
     Path(name).unlink(missing_ok=True)
-    return metrics, [*row_suite.outcomes, *cross_suite.outcomes]
+    return metrics, Checked([*row_suite.outcomes, *cross_suite.outcomes], found.repairs)
 
 
-def render_report(
-    source: str, ds: Dataset, outcomes: list[Outcome], metrics: dict[str, Any]
-) -> str:
+def render_report(source: str, ds: Dataset, checked: Checked, metrics: dict[str, Any]) -> str:
     """A Markdown report of the suite that a person (or GitHub) reads."""
+    outcomes = checked.outcomes
     lines = [
         f"# Validation of `{source}`",
         "",
@@ -563,10 +624,30 @@ def render_report(
         "|---|---|---|---:|---:|",
     ]
     for o in outcomes:
-        checked = "" if o.checked is None else o.checked
+        rows = "" if o.checked is None else o.checked
         lines.append(
             f"| {o.type} | {o.column} | {json.dumps(o.kwargs, sort_keys=True)}"
-            f" | {checked} | {o.unexpected} |"
+            f" | {rows} | {o.unexpected} |"
         )
+    if checked.repairs:
+        lines += _repairs_section(checked.repairs)
     lines += ["", "## Counts", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _repairs_section(repairs: Repairs) -> list[str]:
+    lines = [
+        "",
+        "## Repairs",
+        "",
+        "`validate.text: repair` mended these lines before checking them; the canonical output"
+        " holds the repaired text.",
+        "",
+        "| repair | lines | first lines |",
+        "|---|---:|---|",
+    ]
+    for kind, count in repairs.counts.items():
+        if count:
+            shown = _lines(repairs.first[kind]) + (", ..." if count > SHOWN_LINES else "")
+            lines.append(f"| {kind} | {count} | {shown} |")
+    return lines
