@@ -80,7 +80,8 @@ REPAIRS: tuple[tuple[str, Callable[[str], str]], ...] = (
 KINDS = tuple(kind for kind, _ in REPAIRS)
 # Passes over a line until one changes nothing: a removal may bring the characters of a
 # mojibake sequence together (`Ã`, U+200B, `©`), and NFC may compose one. Every pass that
-# changes a line decodes or removes characters; the bound is for a line made to need more.
+# changes a line decodes, removes or composes characters; the bound is for a line made to
+# need more.
 MAX_PASSES = 8
 
 
@@ -89,7 +90,7 @@ def repair(text: str) -> tuple[str, tuple[str, ...]]:
     What it returns stays as it is when repaired again (within `MAX_PASSES`)."""
     if text.isascii():  # nothing to repair: most lines of most corpora, at the cost of one scan
         return text, ()
-    made = set()
+    made: set[str] = set()
     for _ in range(MAX_PASSES):
         start = text
         for kind, fix in REPAIRS:
