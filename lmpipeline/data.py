@@ -89,15 +89,22 @@ def decoded(number: int, raw: bytes) -> RawLine | None:
     return RawLine(number, text) if text.strip() else None
 
 
-def text_problem(text: str, multiline: bool) -> str | None:
+def text_problem(text: str, multiline: bool, repairable: bool = False) -> str | None:
     """What makes `text` not text, or None: a control character other than tab (and, where
     `multiline`, inside a JSON string, LF and CR), a lone surrogate, or a byte-order mark past
-    the start of the file. Columns count from 1 within `text`."""
+    the start of the file. Columns count from 1 within `text`.
+
+    With `repairable`, what `validate.text: repair` mends is let through, to be checked again
+    once repaired: a C1 control (it may be a byte of mojibake) and a U+FEFF inside a line or a
+    JSON string (a zero-width no-break space). A U+FEFF that starts a line is what joined
+    files leave: refused all the same."""
     if not (_NOT_TEXT_MULTILINE if multiline else _NOT_TEXT_LINE).search(text):
         return None
     for column, char in enumerate(text, start=1):
         code = ord(char)
         if char == "\t" or (multiline and char in "\n\r"):
+            continue
+        if repairable and (0x80 <= code <= 0x9F or (code == 0xFEFF and (multiline or column > 1))):
             continue
         if code < 0x20 or 0x7F <= code <= 0x9F:
             hint = " (a UTF-16 file? re-save it as UTF-8)" if code == 0 else ""

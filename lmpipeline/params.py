@@ -25,6 +25,7 @@ from lmpipeline.errors import StageError
 PARAMS_FILE = Path("params.yaml")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 FP16_CHOICES = ("auto", "true", "false")
+TEXT_POLICIES = ("repair", "strict")
 
 
 class ParamsError(StageError, ValueError):
@@ -124,9 +125,17 @@ class ValidateParams:
     """Per-line messages printed per file before "... and N more"."""
     chunk_lines: int = 20_000
     """Lines checked at a time: memory holds one chunk, plus 16-byte digests of every record."""
+    text: str = "repair"
+    """repair | strict. repair: mojibake (ftfy), zero-width characters and BOMs inside lines,
+    soft hyphens and non-NFC forms are mended and counted, then the text is validated; strict:
+    refused or kept as they are. Control characters are refused either way (docs/data.md)."""
     pretrain: PretrainBounds = PretrainBounds()
     sft: SftBounds = SftBounds()
     rag: RagBounds = RagBounds()
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_POLICIES:
+            raise ParamsError(f"text must be {'|'.join(TEXT_POLICIES)}, got {self.text!r}")
 
 
 # The keys each dataset's records are read by, as lmpipeline.validation checks them (for SFT,

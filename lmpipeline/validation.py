@@ -55,6 +55,7 @@ from lmpipeline.data import (
 from lmpipeline.errors import StageError
 from lmpipeline.params import DATASET_FIELDS, Bounds, Params, SftBounds, ValidateParams
 from lmpipeline.sources import RawRow, Source, open_source
+from lmpipeline.text_repair import KINDS, repair
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -149,16 +150,21 @@ class Shapes:
 
 
 def to_frame(
-    lines: Iterable[RawLine | RawRow], ds: Dataset, source: Source, shapes: Shapes
+    lines: Iterable[RawLine | RawRow],
+    ds: Dataset,
+    source: Source,
+    shapes: Shapes,
+    repairing: bool,
 ) -> pd.DataFrame:
-    """One row per non-blank line or table row: status columns, one column per field (with its
-    length after stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds, source, shapes) for raw in lines]
+    """One row per non-blank line or table row: status columns, the kinds of repair made to it
+    (with `repairing`), one column per field (with its length after stripping and whether
+    anything visible is left), the canonical record."""
+    rows = [_row(raw, ds, source, shapes, repairing) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
-    columns = ["line", "decoded", "parsed", "is_text", "shaped", "error", "obj", *ds.fields]
-    extra = ["is_text", "shaped", "error", "obj", *ds.fields, *derived, RECORD]
-    return pd.DataFrame(rows, columns=[*columns, *derived, WORDS, EXTRA, RECORD]).astype(
-        dict.fromkeys(extra, object)
+    status = ["line", "decoded", "parsed", "is_text", "shaped", "error", "obj", REPAIRS]
+    objects = ["is_text", "shaped", "error", "obj", REPAIRS, *ds.fields, *derived, RECORD]
+    return pd.DataFrame(rows, columns=[*status, *ds.fields, *derived, WORDS, EXTRA, RECORD]).astype(
+        dict.fromkeys(objects, object)
     )
 
 
@@ -166,6 +172,7 @@ CHARS = "__chars"  # suffix of a field's length column: characters after strippi
 VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
 WORDS = "__words"  # words of the record's texts (all turns of a conversation)
 EXTRA = "__extra"  # does the record hold keys its shape does not read
+REPAIRS = "repairs"  # column of the kinds of repair made to a line (`text_repair.KINDS`)
 
 
 class DuplicateKey(ValueError):
@@ -196,8 +203,11 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes) -> dict[str, Any]:
+def _row(
+    raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes, repairing: bool
+) -> dict[str, Any]:
     row: dict[str, Any] = {"line": raw.number, "decoded": True, "parsed": False, "error": None}
+    row[REPAIRS] = ()
     if isinstance(raw, RawRow):  # a table's row: parsed already, its cells checked below
         obj, row["error"] = raw.record, raw.error
         if obj is None:
@@ -207,9 +217,10 @@ def _row(raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes) -> 
         return {**row, "decoded": False, "error": raw.decode_error}
     else:
         # The line itself first: a raw control character or a byte-order mark is no text, in a
-        # JSON line as in a passage (JSON would only say "invalid control character").
+        # JSON line as in a passage (JSON would only say "invalid control character"). What a
+        # repair mends is checked again once repaired, the rest before: no repair may hide it.
         obj = {"text": raw.text.strip()}
-        problem = text_problem(raw.text, multiline=False)
+        problem = text_problem(raw.text, multiline=False, repairable=repairing)
         if source.records and problem is None:
             obj, row["error"] = parse_object(raw.text)
             if row["error"] is not None:
@@ -223,7 +234,11 @@ def _row(raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes) -> 
         if row["error"] is not None:
             return row
         shape = shape_of(obj) if ds.conversations else shape
-        problem = _fields_problem(obj, shape.keys, ds, source)
+        problem = _fields_problem(obj, shape.keys, ds, source, repairing)
+    if repairing and problem is None:
+        # A passage unstripped: str.strip() also takes a NEL (U+0085) that must be refused.
+        whole = obj if source.records else {"text": raw.text}  # type: ignore[union-attr]
+        obj, row[REPAIRS], problem = _repaired(whole, shape.keys, ds, source)
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
@@ -261,7 +276,7 @@ LINE_BREAK = re.compile("[\n\r]")
 
 
 def _fields_problem(
-    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source
+    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source, repairing: bool
 ) -> str | None:
     """What in the strings of a record's `keys` (a conversation's turns included) is not text,
     or None: JSON escapes such as \\u0000 decode to what a line could not hold, and a table's
@@ -275,7 +290,7 @@ def _fields_problem(
                     f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a"
                     " passage is one line: give each passage a row of its own"
                 )
-            if problem := text_problem(value, multiline=True):
+            if problem := text_problem(value, multiline=True, repairable=repairing):
                 return f"'{source.name(f)}' holds a {problem}"
     return None
 
@@ -297,6 +312,47 @@ def _canonical(values: dict[str, Any]) -> str | None:
         return canonical_json(values)
     except TypeError:
         return None
+
+
+def _repaired(
+    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source
+) -> tuple[dict[str, Any], tuple[str, ...], str | None]:
+    """`obj` with the strings of its `keys` repaired (a conversation's turns included), the kinds
+    of repair made, and what still makes one of them no text: a C1 control that was no
+    mojibake, or what a repair decoded."""
+    obj, made = dict(obj), set()
+
+    def fixed(f: str, text: str) -> str:
+        new, kinds = repair(text)
+        if problem := text_problem(new, multiline=source.records):
+            where = ", in the repaired text" if kinds else ""  # its columns are the repaired ones
+            raise _NotText(
+                f"'{source.name(f)}' holds a {problem}{where}"
+                if source.records
+                else problem + where
+            )
+        made.update(kinds)
+        return new if source.records else new.strip()  # a passage is stripped, as before
+
+    try:
+        for f in keys:
+            value = obj.get(f)
+            if isinstance(value, str):
+                obj[f] = fixed(f, value)
+            elif isinstance(value, list):  # a conversation: the strings of each turn
+                obj[f] = [
+                    {k: fixed(f, v) if isinstance(v, str) else v for k, v in item.items()}
+                    if isinstance(item, dict)
+                    else item
+                    for item in value
+                ]
+    except _NotText as err:
+        return obj, (), str(err)
+    return obj, tuple(k for k in KINDS if k in made), None
+
+
+class _NotText(ValueError):
+    """What a repaired string still holds that is no text."""
 
 
 # --- the suite ---------------------------------------------------------------------------------
@@ -548,10 +604,33 @@ class Digests:
         return frame, held_out
 
 
+SHOWN_LINES = 5  # the lines of each kind of repair that the report names
+
+
+@dataclass
+class Repairs:
+    """The lines each kind of repair changed: how many, and the first `SHOWN_LINES` of them."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    first: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def __bool__(self) -> bool:
+        return any(self.counts.values())
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Count the repairs of a chunk's rows (chunks come in file order)."""
+        for line, kinds in zip(frame["line"], frame[REPAIRS], strict=True):
+            for kind in kinds:
+                self.counts[kind] += 1
+                if len(self.first[kind]) < SHOWN_LINES:
+                    self.first[kind].append(int(line))
+
+
 @dataclass
 class Scan:
     """What one pass over a file found: the digests, the first problems of single lines (up to
-    `validate.max_errors`, in file order) and their number, and the counts of its records."""
+    `validate.max_errors`, in file order) and their number, the counts of its records and the
+    repairs made."""
 
     digests: Digests = field(default_factory=Digests)
     problems: list[Problem] = field(default_factory=list)
@@ -559,12 +638,13 @@ class Scan:
     records: int = 0
     words: int = 0
     with_extra_fields: int = 0
+    repairs: Repairs = field(default_factory=Repairs)
 
 
 def scan(source: Source, ds: Dataset, suite: Suite, staged: IO[str], cfg: ValidateParams) -> Scan:
-    """Check each line or row of `source`, `validate.chunk_lines` at a time, and write the
-    records that hold text to `staged` as they pass (the text of a passage, or the canonical JSON
-    of a record)."""
+    """Check each line or row of `source`, `validate.chunk_lines` at a time, repaired first under
+    `validate.text: repair`, and write the records that hold text to `staged` as they pass (the
+    text of a passage, or the canonical JSON of a record)."""
     found, shapes = Scan(), Shapes(cfg.sft, source.unit)
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
@@ -577,11 +657,12 @@ def scan(source: Source, ds: Dataset, suite: Suite, staged: IO[str], cfg: Valida
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
     for chunk in iter(lambda: list(itertools.islice(lines, cfg.chunk_lines)), []):
-        frame = to_frame(chunk, ds, source, shapes)
+        frame = to_frame(chunk, ds, source, shapes, repairing=cfg.text == "repair")
         problems = suite.run(frame)
         found.problems += problems[: cfg.max_errors - len(found.problems)]
         found.total += len(problems)
         found.digests.add(frame, ds.split_key)
+        found.repairs.add(frame)
         found.records += len(frame)
         kept = frame[frame[RECORD].notna()]
         if found.total:  # nothing will be written: only the checks go on
@@ -619,18 +700,27 @@ def publish_splits(
     return counts
 
 
+@dataclass
+class Checked:
+    """What the report tells of a file that passed, besides its counts: each expectation's
+    outcome and the repairs made."""
+
+    outcomes: list[Outcome]
+    repairs: Repairs
+
+
 def validate_file(
     path: Path,
     ds: Dataset,
     params: Params,
     output: Path,
     golds: Callable[[], Golds] | None = None,
-) -> tuple[dict[str, Any], list[Outcome]]:
+) -> tuple[dict[str, Any], Checked]:
     """Check `path` and, only if it passes, write its canonical form to `output` (a text file,
     or train.jsonl and eval.jsonl split by `seed`, each question with the gold chunk ids of the
-    rule `golds` makes, once the file has passed).
-    Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
-    raise ValidationFailed, having written nothing, when it does not pass."""
+    rule `golds` makes, once the file has passed), repaired under `validate.text: repair`.
+    Return the counts (deterministic: no paths, no timestamps), each expectation's outcome and
+    the repairs; raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
     columns = getattr(params.data.columns, ds.name)
     source = open_source(path, ds.name, DATASET_FIELDS[ds.name], columns)
@@ -662,6 +752,8 @@ def validate_file(
             if ds.split_key:
                 metrics["train"] = int((~held_out).sum())
                 metrics["eval"] = int(held_out.sum())
+            if found.repairs:  # only then: a file that needs none keeps the counts it had
+                metrics["repairs"] = found.repairs.counts
             staged.seek(0)
             if ds.jsonl:
                 rule = golds() if golds else None
@@ -677,13 +769,12 @@ def validate_file(
                 folder.rmdir()
         raise
     Path(name).unlink(missing_ok=True)
-    return metrics, [*row_suite.outcomes, *cross_suite.outcomes]
+    return metrics, Checked([*row_suite.outcomes, *cross_suite.outcomes], found.repairs)
 
 
-def render_report(
-    source: str, ds: Dataset, outcomes: list[Outcome], metrics: dict[str, Any]
-) -> str:
+def render_report(source: str, ds: Dataset, checked: Checked, metrics: dict[str, Any]) -> str:
     """A Markdown report of the suite that a person (or GitHub) reads."""
+    outcomes = checked.outcomes
     lines = [
         f"# Validation of `{source}`",
         "",
@@ -694,10 +785,30 @@ def render_report(
         "|---|---|---|---:|---:|",
     ]
     for o in outcomes:
-        checked = "" if o.checked is None else o.checked
+        rows = "" if o.checked is None else o.checked
         lines.append(
             f"| {o.type} | {o.column} | {json.dumps(o.kwargs, sort_keys=True)}"
-            f" | {checked} | {o.unexpected} |"
+            f" | {rows} | {o.unexpected} |"
         )
+    if checked.repairs:
+        lines += _repairs_section(checked.repairs)
     lines += ["", "## Counts", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _repairs_section(repairs: Repairs) -> list[str]:
+    lines = [
+        "",
+        "## Repairs",
+        "",
+        "`validate.text: repair` mended these lines before checking them; the canonical output"
+        " holds the repaired text.",
+        "",
+        "| repair | lines | first lines |",
+        "|---|---:|---|",
+    ]
+    for kind, count in repairs.counts.items():
+        if count:
+            shown = _lines(repairs.first[kind]) + (", ..." if count > SHOWN_LINES else "")
+            lines.append(f"| {kind} | {count} | {shown} |")
+    return lines

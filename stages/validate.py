@@ -65,9 +65,9 @@ def gold_rule(passages: Path | None, params: Params) -> GoldRule:
 def run(params: Params, paths: ValidatePaths) -> None:
     ds = DATASETS[paths.dataset]
     golds = (lambda: gold_rule(paths.passages, params)) if ds.name == "rag" else None
-    metrics, outcomes = validate_file(paths.input, ds, params, paths.output, golds)
+    metrics, checked = validate_file(paths.input, ds, params, paths.output, golds)
     write_text_atomic(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, outcomes, metrics))
+    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, checked, metrics))
     split = f", {metrics['train']} train / {metrics['eval']} eval" if ds.split_key else ""
     print(f"validate {ds.name}: {paths.input} OK, {metrics['records']} records{split}")
 

@@ -432,3 +432,17 @@ def test_every_shape_tokenizes_as_the_template_says_and_trains(
         ln[3:] for ln in (tmp_path / "samples.md").read_text().splitlines() if ln.startswith("## ")
     ]
     assert headings and set(headings) <= last_users
+
+
+def test_the_turns_of_a_conversation_are_repaired_and_counted(tmp_path: Path) -> None:
+    records = [in_shape("sharegpt", i) for i in range(6)]
+    records[2]["conversations"][2]["value"] = "it donâ€™t stop"  # mojibake in an answer
+    records[4]["conversations"][3]["value"] = "and the\ufeff retriever ?"  # a BOM mid-turn
+    assert validated(tmp_path, records) == 0
+    out = tmp_path / "out"
+    written = read_jsonl(out / "data/train.jsonl") + read_jsonl(out / "data/eval.jsonl")
+    contents = [m["content"] for r in written for m in r["messages"]]
+    assert "it don\u2019t stop" in contents and "and the retriever ?" in contents
+    assert not any("\ufeff" in c or "â€" in c for c in contents)
+    repairs = json.loads((out / "metrics.json").read_text())["repairs"]
+    assert repairs == {"mojibake": 1, "nfc": 0, "soft_hyphen": 0, "zero_width": 1}

@@ -83,7 +83,7 @@ LAYERS = [
         "testing",  # the tests' tiny models and a tiny built system
     ],
     ["training"],
-    ["cpt", "cpt_lm", "sft", "validation"],
+    ["cpt", "cpt_lm", "sft", "text_repair", "validation"],
     [
         "rag.evaluation",
         "rag.reader",
