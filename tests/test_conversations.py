@@ -19,7 +19,7 @@ from lmpipeline.data import read_jsonl
 from lmpipeline.testing import CORPUS, word_level_tokenizer
 from stages import sft as sft_stage
 from stages import tokenize as tokenize_stage
-from stages import validate
+from tests.test_validate import jsonl, run
 
 WORDS = sorted({w for line in CORPUS for w in line.split()})
 SYSTEM = "answer as the assistant ."
@@ -55,20 +55,8 @@ def in_shape(shape: str, i: int) -> dict:
 
 
 def validated(root: Path, records: list[dict], params: dict | None = None) -> int:
-    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 3, **(params or {})}))
-    source = root / "sft.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    out = root / "out"
-    return validate.main(
-        [
-            "sft",
-            f"--input={source}",
-            f"--output={out / 'data'}",
-            f"--metrics={out / 'metrics.json'}",
-            f"--report={out / 'report.md'}",
-            f"--params={root / 'params.yaml'}",
-        ]
-    )
+    """The sft validate stage on `records`; its outputs under `root / "out"`."""
+    return run(root, "sft", jsonl(records), yaml.safe_dump({"seed": 3, **(params or {})}))
 
 
 def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
