@@ -19,7 +19,7 @@ from lmpipeline.data import read_jsonl
 from lmpipeline.testing import CORPUS, word_level_tokenizer
 from stages import sft as sft_stage
 from stages import tokenize as tokenize_stage
-from tests.test_validate import jsonl, run
+from tests.test_validate import errors, jsonl, run
 
 WORDS = sorted({w for line in CORPUS for w in line.split()})
 SYSTEM = "answer as the assistant ."
@@ -57,10 +57,6 @@ def in_shape(shape: str, i: int) -> dict:
 def validated(root: Path, records: list[dict], params: dict | None = None) -> int:
     """The sft validate stage on `records`; its outputs under `root / "out"`."""
     return run(root, "sft", jsonl(records), yaml.safe_dump({"seed": 3, **(params or {})}))
-
-
-def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
-    return capsys.readouterr().err.splitlines()
 
 
 def assistant_runs(labels: list[int]) -> list[list[int]]:
