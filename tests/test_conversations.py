@@ -358,7 +358,12 @@ def test_random_conversations_round_trip_and_learn_exactly_their_assistant_turns
 # --- the stages: every shape tokenizes and trains ----------------------------------------------
 
 
-@pytest.mark.parametrize("shape", ["pair", "messages", "sharegpt", "alpaca"])
+# One shape through the stages in the fast suite, every shape with the slow tests.
+@pytest.mark.parametrize(
+    "shape",
+    [pytest.param(s, marks=pytest.mark.slow) for s in ("pair", "messages", "alpaca")]
+    + ["sharegpt"],
+)
 def test_every_shape_tokenizes_as_the_template_says_and_trains(
     tmp_path: Path, tiny_llama_dir: Path, shape: str
 ) -> None:

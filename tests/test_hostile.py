@@ -107,7 +107,8 @@ def check(root: Path, dataset: str, content: bytes, text: str) -> None:
         assert sorted(map(key, written)) == sorted(map(key, expected))
 
 
-@pytest.mark.parametrize("text", ["strict", "repair"])
+# The default policy in the fast suite; strict, checked line by line in test_validate, in CI.
+@pytest.mark.parametrize("text", [pytest.param("strict", marks=pytest.mark.slow), "repair"])
 @pytest.mark.parametrize("dataset", ["pretrain", "sft", "rag"])
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -335,6 +335,7 @@ def in_records(result: tuple[Any, ...], starts: dict[int, int]) -> tuple[Any, ..
     return (result[0], result[1], problems)
 
 
+@pytest.mark.slow  # about a minute: with the slow tests in CI
 @pytest.mark.parametrize(
     ("dataset", "fields"), [("pretrain", ("text",)), ("sft", ("prompt", "response", "source"))]
 )

@@ -35,7 +35,15 @@ WRITTEN = [
 ]
 
 
-@pytest.fixture(params=[0o022, 0o002, 0o077], ids=oct)
+# The common umask in the fast suite, a group-shared and a private one with the slow tests.
+@pytest.fixture(
+    params=[
+        0o022,
+        pytest.param(0o002, marks=pytest.mark.slow),
+        pytest.param(0o077, marks=pytest.mark.slow),
+    ],
+    ids=oct,
+)
 def umask(request: pytest.FixtureRequest) -> Iterator[int]:
     old = os.umask(request.param)
     yield request.param
