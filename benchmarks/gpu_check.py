@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from functools import reduce
+from operator import getitem
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +126,18 @@ def check_params(device: str, fp16: str) -> dict[str, Any]:
     return with_overrides(params, SMOKE_PARAMS, CHECK_PARAMS, {"device": device, "fp16": fp16})
 
 
+TEMPLATE = re.compile(r"\$\{([\w.]+)\}")  # DVC's templating of params.yaml values
+
+
 def stage_commands() -> dict[str, list[str]]:
-    """Each stage's command from dvc.yaml, run by this interpreter."""
+    """Each stage's command from dvc.yaml, its `${key.path}` filled in from params.yaml as DVC
+    fills it in, run by this interpreter."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     commands = {}
     for name, stage in stages.items():
-        words = shlex.split(stage["cmd"])
+        cmd = TEMPLATE.sub(lambda m: str(reduce(getitem, m[1].split("."), params)), stage["cmd"])
+        words = shlex.split(cmd)
         assert words[:2] == ["python", "-m"], f"{name}: {stage['cmd']}"
         commands[name] = words[2:]  # module and arguments
     return commands

@@ -3,8 +3,9 @@ user would meet them; it prints how each was handled and every input handled wro
 
 Each bad input must be refused with one line per problem naming the file (and the line where
 there is one), exit 1 and write nothing; each valid-but-odd input (BOM, CRLF, blank lines, extra
-fields, no final newline, U+2028 inside a passage) must be accepted. An exception escaping a
-stage counts as a traceback.
+fields, no final newline, U+2028 inside a passage; under the default `validate.text: repair`, a
+U+FEFF inside a line and mojibake) must be accepted. An exception escaping a stage counts as a
+traceback.
 
     python -m benchmarks.hostile_inputs
 """
@@ -36,7 +37,6 @@ BAD_VALUES = {
     "FS escape": '"a \\u001c b c"',
     "lone high surrogate": '"a \\ud800 b c"',
     "lone low surrogate": '"a \\udc00 b c"',
-    "BOM escape": '"a \\ufeff b c"',
     "zero-width only": '"\\u200b\\u200c\\u200d"',
     "word joiner only": '" \\u2060 "',
     "spaces only": '"   "',
@@ -77,7 +77,6 @@ PRETRAIN_SEPARATORS = {
     "NUL": "\x00",
     "DEL": "\x7f",
     "BEL": "\x07",
-    "mid-line BOM": "\ufeff",
 }
 BAD_PARAMS = [
     "sft:\n  lr: .nan\n",
@@ -140,6 +139,8 @@ def cases() -> Iterator[tuple[str, str, bytes, bool]]:
             ("no final newline", head + tail.rstrip(b"\n")),
             ("extra fields", head.replace(b"}", b', "source": "web"}') + tail),
             ("escaped newline and tab", head + tail.replace(b'up."', b'up.\\n\\tNext."')),
+            # validate.text: repair, the default, removes it (strict refuses it)
+            ("BOM escape", head + tail.replace(b'up."', b'up.\\ufeff"')),
         ]
         for name, content in odd:
             yield f"{dataset}: {name} (valid)", dataset, content, True
@@ -147,7 +148,11 @@ def cases() -> Iterator[tuple[str, str, bytes, bool]]:
     for name, char in PRETRAIN_SEPARATORS.items():
         bad = [*texts[:2], f"{GOOD_TEXT[:30]}{char}{GOOD_TEXT[30:]}", *texts[2:]]
         yield f"pretrain: {name}", "pretrain", "\n".join(bad).encode() + b"\n", False
-    for name, text in (("zero-width line", "\u200b\u200d"), ("too short", "short")):
+    for name, text in (
+        ("zero-width line", "\u200b\u200d"),
+        ("too short", "short"),
+        ("BOM starting a later line", f"\ufeff{GOOD_TEXT}"),
+    ):
         content = "\n".join([*texts, text]).encode() + b"\n"
         yield f"pretrain: {name}", "pretrain", content, False
     yield "pretrain: invalid UTF-8", "pretrain", texts[0].encode() + b"\xff\n", False
@@ -155,13 +160,18 @@ def cases() -> Iterator[tuple[str, str, bytes, bool]]:
         ("U+2028 inside (valid)", "\n".join([*texts, f"{GOOD_TEXT}\u2028more"]).encode()),
         ("CRLF and BOM (valid)", b"\xef\xbb\xbf" + "\r\n".join(texts).encode() + b"\r\n"),
         ("tab inside (valid)", "\n".join([*texts, f"{GOOD_TEXT}\tmore"]).encode()),
+        # validate.text: repair, the default, removes the one and decodes the other
+        ("mid-line BOM (valid)", "\n".join([*texts, f"{GOOD_TEXT}\ufeffmore"]).encode()),
+        ("mojibake (valid)", "\n".join([*texts, f"{GOOD_TEXT} don\u00e2\u20ac\u2122t"]).encode()),
     ):
         yield f"pretrain: {name}", "pretrain", content, True
 
 
 def run_validate(dataset: str, content: bytes, work: Path) -> tuple[int | None, str, bool]:
     """(exit code or None for an escaped exception, stderr, whether anything was written)."""
-    source, out = work / "input", work / "out"
+    # The suffix says how the file is read (lmpipeline.sources): text for pretrain, else JSONL.
+    source = work / ("input.txt" if dataset == "pretrain" else "input.jsonl")
+    out = work / "out"
     source.write_bytes(content)
     err = io.StringIO()
     args = [dataset, f"--input={source}", f"--output={out / 'data'}"]

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,15 +89,22 @@ def decoded(number: int, raw: bytes) -> RawLine | None:
     return RawLine(number, text) if text.strip() else None
 
 
-def text_problem(text: str, multiline: bool) -> str | None:
+def text_problem(text: str, multiline: bool, repairable: bool = False) -> str | None:
     """What makes `text` not text, or None: a control character other than tab (and, where
     `multiline`, inside a JSON string, LF and CR), a lone surrogate, or a byte-order mark past
-    the start of the file. Columns count from 1 within `text`."""
+    the start of the file. Columns count from 1 within `text`.
+
+    With `repairable`, what `validate.text: repair` mends is let through, to be checked again
+    once repaired: a C1 control (it may be a byte of mojibake) and a U+FEFF inside a line or a
+    JSON string (a zero-width no-break space). A U+FEFF that starts a line is what joined
+    files leave: refused all the same."""
     if not (_NOT_TEXT_MULTILINE if multiline else _NOT_TEXT_LINE).search(text):
         return None
     for column, char in enumerate(text, start=1):
         code = ord(char)
         if char == "\t" or (multiline and char in "\n\r"):
+            continue
+        if repairable and (0x80 <= code <= 0x9F or (code == 0xFEFF and (multiline or column > 1))):
             continue
         if code < 0x20 or 0x7F <= code <= 0x9F:
             hint = " (a UTF-16 file? re-save it as UTF-8)" if code == 0 else ""
@@ -166,7 +174,7 @@ def publishing_dir(output: Path) -> Iterator[Path]:
     new = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     old = output.with_name(f".{output.name}.old")
     try:
-        new.chmod(0o755)
+        follow_umask(new)
         yield new
         shutil.rmtree(old, ignore_errors=True)
         if output.exists():
@@ -197,8 +205,34 @@ def writing_atomic(path: Path) -> Iterator[IO[str]]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            follow_umask(fd)
             yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def follow_umask(made: Path | int) -> None:
+    """Give `made` (a path or an open descriptor), created private whatever the umask (as
+    `tempfile` makes a file, 0o600, or a directory, 0o700), the mode a plain `open` or `mkdir`
+    would have given it. It is, or becomes by a rename, an output: who else may read those (a
+    teammate on a shared machine, or through a shared DVC cache) is the user's umask to say."""
+    full = 0o777 if stat.S_ISDIR(os.stat(made).st_mode) else 0o666
+    os.chmod(made, full & ~umask())
+
+
+def umask() -> int:
+    """The process's umask. Linux shows it in /proc/self/status (since 4.7): read there, it stays
+    untouched. Elsewhere the only way is to set it and set it back, and a file another thread
+    creates in between gets the mask set meanwhile: 0o077, private rather than too open."""
+    try:
+        with open("/proc/self/status", "rb") as status:  # bytes: the process name may not decode
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # no /proc: not Linux, or a sandbox without it
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

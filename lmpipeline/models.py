@@ -19,7 +19,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from transformers import (
     AutoModelForCausalLM,
@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from lmpipeline.data import follow_umask
 from lmpipeline.errors import SetupError
 from lmpipeline.runtime import WEIGHTS
 
@@ -208,6 +209,25 @@ def export_base(ref: str, output: Path) -> int:
     source = resolve_model(ref)
     tokenizer = load_tokenizer(source)
     model = load_model(AutoModelForCausalLM, source)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    save_pretrained(output, model, tokenizer)
     return model.num_parameters()
+
+
+class Pretrained(Protocol):
+    def save_pretrained(self, save_directory: Path) -> Any: ...
+
+
+def save_pretrained(directory: Path, *parts: Pretrained) -> None:
+    """Save each of `parts` (a model, its tokenizer) in `directory`, every file with the mode
+    the umask gives (`weights_follow_umask`)."""
+    for part in parts:
+        part.save_pretrained(directory)
+    weights_follow_umask(directory)
+
+
+def weights_follow_umask(directory: Path) -> None:
+    """Give the safetensors files in `directory` the mode the umask gives: safetensors 0.8
+    writes them through a temporary file, 0o600 whatever the umask (safetensors#782), which a
+    teammate could not read."""
+    for weights in directory.glob("*.safetensors"):
+        follow_umask(weights)

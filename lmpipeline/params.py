@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_origin, get_type_hints
 
 import yaml
 
@@ -25,6 +25,7 @@ from lmpipeline.errors import StageError
 PARAMS_FILE = Path("params.yaml")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 FP16_CHOICES = ("auto", "true", "false")
+TEXT_POLICIES = ("repair", "strict")
 
 
 class ParamsError(StageError, ValueError):
@@ -105,9 +106,9 @@ class PretrainBounds:
 @dataclass(frozen=True)
 class SftBounds:
     prompt: Bounds = Bounds(min_chars=2, max_chars=4000)
-    """Length bounds of a prompt."""
+    """Length bounds of a prompt (of a conversation: every system and user turn)."""
     response: Bounds = Bounds(min_chars=1, max_chars=8000)
-    """Length bounds of a response."""
+    """Length bounds of a response (of a conversation: every assistant turn)."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,79 @@ class ValidateParams:
     """Per-line messages printed per file before "... and N more"."""
     chunk_lines: int = 20_000
     """Lines checked at a time: memory holds one chunk, plus 16-byte digests of every record."""
+    text: str = "repair"
+    """repair | strict. repair: mojibake (ftfy), zero-width characters and BOMs inside lines,
+    soft hyphens and non-NFC forms are mended and counted, then the text is validated; strict:
+    refused or kept as they are. Control characters are refused either way (docs/data.md)."""
     pretrain: PretrainBounds = PretrainBounds()
     sft: SftBounds = SftBounds()
     rag: RagBounds = RagBounds()
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_POLICIES:
+            raise ParamsError(f"text must be {'|'.join(TEXT_POLICIES)}, got {self.text!r}")
+
+
+# The keys each dataset's records are read by, as lmpipeline.validation checks them (for SFT,
+# those of every shape lmpipeline.conversations reads): what a column mapping (`data.columns`)
+# may map a user's column onto.
+DATASET_FIELDS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("text",),
+    "sft": (
+        *("prompt", "response"),
+        *("messages", "conversations"),
+        *("instruction", "input", "output", "system"),
+    ),
+    "rag": ("question", "answer"),
+}
+
+
+@dataclass(frozen=True)
+class ColumnMaps:
+    """Per dataset, the file's column -> ours, for files whose names differ from ours; a column
+    not named keeps its name (and, not being ours, is an extra field: counted, not written)."""
+
+    pretrain: dict[str, str] = field(default_factory=dict)
+    """Onto text, the passage: `{body: text}`."""
+    sft: dict[str, str] = field(default_factory=dict)
+    """Onto prompt and response, or the keys of another shape of SFT data (docs/data.md):
+    `{question: prompt, answer: response}`, `{dialog: messages}`."""
+    rag: dict[str, str] = field(default_factory=dict)
+    """Onto question and answer: `{query: question, reply: answer}`."""
+
+    def __post_init__(self) -> None:
+        for dataset, ours in DATASET_FIELDS.items():
+            mapping: dict[str, str] = getattr(self, dataset)
+            for theirs, target in mapping.items():
+                if target not in ours:
+                    raise ParamsError(
+                        f"{dataset}.{theirs} maps onto {target!r}, which {dataset} records do not"
+                        f" have ({dataset}'s fields: {', '.join(ours)})"
+                    )
+            # Two columns onto one field would leave one of them silently unread.
+            for target in ours:
+                sources = [theirs for theirs, t in mapping.items() if t == target]
+                if len(sources) > 1:
+                    raise ParamsError(
+                        f"{dataset} maps {' and '.join(map(repr, sources))} both onto"
+                        f" {target!r}; keep one"
+                    )
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """The user's files: the validate stages read them (dvc.yaml names these paths as their
+    inputs, so pointing one elsewhere reruns its stage on the new file)."""
+
+    pretrain: str = "data/pretrain.txt"
+    """The corpus: a .txt file (one passage per line), or records with a `text` column: .jsonl,
+    .parquet, .csv, or a folder saved by `datasets`' `Dataset.save_to_disk`."""
+    sft: str = "data/sft.jsonl"
+    """Prompt/response records: .jsonl, .parquet, .csv, or a `save_to_disk` folder."""
+    rag: str = "data/rag.jsonl"
+    """Question/answer records: .jsonl, .parquet, .csv, or a `save_to_disk` folder."""
+    columns: ColumnMaps = field(default_factory=ColumnMaps)
+    """The file's column -> ours, where they differ (a JSONL file's keys too)."""
 
 
 @dataclass(frozen=True)
@@ -497,6 +568,7 @@ class Params:
     """Mixed precision, on CUDA only: auto = bf16 where the GPU has it natively, else fp16 |
     true = fp16 (loss-scaled) | false = fp32 (true on a CPU is refused: CPU autocast is about
     10x slower here)."""
+    data: DataParams = field(default_factory=DataParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     cpt: CptParams = field(default_factory=CptParams)
     cpt_lm: CptLmParams = field(default_factory=CptLmParams)
@@ -586,6 +658,8 @@ def build(cls: type[T], data: Any, prefix: str) -> T:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, prefix=key + ".")
+    if get_origin(hint) is dict:  # a column mapping, the one mapping of str -> str
+        return _names(value, key)
     if hint is float and isinstance(value, str):
         # YAML 1.1 reads `3e-5` (no dot) as a string, and `dvc exp run -S` passes it through.
         with contextlib.suppress(ValueError):  # not a number: the type check below says so
@@ -598,6 +672,20 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ParamsError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
     if hint in (int, float):
         _check_range(key, value)
+    return value
+
+
+def _names(value: Any, key: str) -> dict[str, str]:
+    """A mapping of names to names: YAML reads `yes: prompt` with a bool key, `1: prompt` with
+    an int one, and `prompt:` with a null value; each stops here with its key."""
+    if not isinstance(value, dict):
+        raise ParamsError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+    for name, target in value.items():
+        if not isinstance(name, str) or not isinstance(target, str):
+            raise ParamsError(
+                f"{key}.{name} must map a column name onto one of ours, both strings, got"
+                f" {name!r}: {target!r} (quote a name YAML reads as a number or a boolean)"
+            )
     return value
 
 

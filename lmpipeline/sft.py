@@ -1,18 +1,23 @@
-"""Supervised fine-tuning (the `sft` stage): prompt/response pairs as chat-formatted examples with
-the loss on response tokens only, length-grouped batches, and the held-out scores.
+"""Supervised fine-tuning (the `sft` stage): conversations (a prompt/response pair is one of a
+single turn) as chat-formatted examples with the loss on the assistant's turns only,
+length-grouped batches, and the held-out scores.
 
-Each pair is rendered with the tokenizer's chat template (see `lmpipeline.chat`). The loss covers
-the response tokens only (`completion_only_loss`); batches are grouped by length so that almost
-no compute goes to padding, and the vocabulary projection runs on response positions only.
+Each conversation is rendered with the tokenizer's chat template (see `lmpipeline.chat`). The
+loss covers the assistant turns only (TRL's `assistant_only_loss`; for a pair, its
+`completion_only_loss`); batches are grouped by length so that almost no compute goes to padding,
+and the vocabulary projection runs on those positions only.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from lmpipeline.chat import Example, generate
+from lmpipeline.conversations import context_and_answer
 from lmpipeline.metrics import perplexity, rouge_l, token_f1
 from lmpipeline.params import AdaptedParams, SftParams
 from lmpipeline.tokens import Examples
@@ -105,15 +110,14 @@ def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     batches: list[dict[str, torch.Tensor]],
-    records: list[dict[str, str]],
+    records: list[dict[str, Any]],
     cfg: SftParams,
 ) -> tuple[dict[str, float], list[str]]:
-    """Response-token loss, perplexity and accuracy, then greedy-generation F1 and ROUGE-L."""
+    """Loss, perplexity and accuracy on the assistant turns, then F1 and ROUGE-L of greedy
+    answers to each held-out conversation up to its last assistant turn, against that turn."""
     loss, accuracy = score(causal_loss, model, batches)
-    answers = generate(
-        model, tokenizer, [r["prompt"] for r in records], cfg.max_new_tokens, cfg.batch_size
-    )
-    refs = [r["response"] for r in records]
+    contexts, refs = zip(*map(context_and_answer, records), strict=True) if records else ((), ())
+    answers = generate(model, tokenizer, contexts, cfg.max_new_tokens, cfg.batch_size)
     n = max(len(refs), 1)
     return {
         "eval_loss": round(loss, 6),
@@ -180,14 +184,17 @@ def optimizer_batch(args: TrainingArguments) -> int:
 
 
 def samples_markdown(
-    records: list[dict[str, str]], base: list[str], final: list[str], count: int
+    records: list[dict[str, Any]], base: list[str], final: list[str], count: int
 ) -> str:
+    """The first `count` held-out answers: under the last user turn (the earlier turns of a
+    conversation are not shown), the reference, the base model's and the fine-tuned one's."""
     parts = ["# SFT samples: greedy answers to held-out prompts", ""]
     for r, b, f in list(zip(records, base, final, strict=True))[:count]:
+        context, reference = context_and_answer(r)
         parts += [
-            f"## {r['prompt']}",
+            f"## {context[-1]['content']}",
             "",
-            f"**Reference:** {r['response']}",
+            f"**Reference:** {reference}",
             "",
             f"**Base model:** {b}",
             "",

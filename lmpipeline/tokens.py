@@ -26,7 +26,8 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedTokenizerBase
 
-from lmpipeline.chat import Example, encode
+from lmpipeline.chat import Example, encode_chat
+from lmpipeline.conversations import conversation
 from lmpipeline.data import open_input, publishing_dir
 from lmpipeline.errors import StageError
 
@@ -95,28 +96,15 @@ def _text_lines(path: str) -> Iterator[Row]:
             yield {"text": line.removesuffix("\n")}
 
 
-def _jsonl_records(path: str, fields: tuple[str, ...]) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                yield {k: record[k] for k in fields}
-
-
-def rows_of(path: Path, work: Path, fields: list[str] | None = None) -> datasets.Dataset:
-    """The rows of a validated file, streamed into an Arrow file under `work`: the lines of a
-    text file (column `text`), or the `fields` of each record of a JSONL file."""
+def rows_of(path: Path, work: Path) -> datasets.Dataset:
+    """The lines of a validated text file (column `text`), streamed into an Arrow file under
+    `work`."""
     open_input(path).close()  # a missing input: the one-line error, before `datasets` sees it
-    if fields is None:
-        features = datasets.Features({"text": datasets.Value("string")})
-        kwargs: dict[str, Any] = {"path": str(path)}
-        generator: Callable[..., Iterator[Row]] = _text_lines
-    else:
-        features = datasets.Features({k: datasets.Value("string") for k in fields})
-        # A tuple: `from_generator` would take a list for shards, one field per shard.
-        kwargs, generator = {"path": str(path), "fields": tuple(fields)}, _jsonl_records
     return datasets.Dataset.from_generator(
-        generator, gen_kwargs=kwargs, features=features, cache_dir=str(work)
+        _text_lines,
+        gen_kwargs={"path": str(path)},
+        features=datasets.Features({"text": datasets.Value("string")}),
+        cache_dir=str(work),
     )
 
 
@@ -344,17 +332,39 @@ def pack(passages: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length
 
 
 def encode_all(
-    tokenizer: PreTrainedTokenizerBase, records: list[dict[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_length: int
 ) -> tuple[list[Example], int]:
-    """Encoded examples and how many were truncated (dropped ones included)."""
-    encoded = [encode(tokenizer, r["prompt"], r["response"], max_length) for r in records]
+    """Encoded examples of canonical records (prompt/response or messages) and how many were
+    truncated (dropped ones included)."""
+    encoded = [encode_chat(tokenizer, conversation(r), max_length) for r in records]
     kept = [e for e in encoded if e is not None]
     return kept, sum(e is None or e.truncated for e in encoded)
 
 
-PAIR_FEATURES = datasets.Features(
-    {"prompt": datasets.Value("string"), "response": datasets.Value("string")}
+# A validated SFT record as the tokenizing processes read it: its conversation.
+CONVERSATION_FEATURES = datasets.Features(
+    {"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}]}
 )
+
+
+def _conversations(path: str) -> Iterator[Row]:
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if line.strip():
+                yield {"messages": conversation(json.loads(line))}
+
+
+def conversations_of(path: Path, work: Path) -> datasets.Dataset:
+    """The conversations of a validated SFT split, streamed into an Arrow file under `work`."""
+    open_input(path).close()  # a missing input: the one-line error, before `datasets` sees it
+    return datasets.Dataset.from_generator(
+        _conversations,
+        gen_kwargs={"path": str(path)},
+        features=CONVERSATION_FEATURES,
+        cache_dir=str(work),
+    )
+
+
 EXAMPLE_FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -365,13 +375,13 @@ EXAMPLE_FEATURES = datasets.Features(
 )
 
 
-def pair_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[Row], Row]:
-    """A batch of pairs -> their examples (`encode`); a pair left without a response token to
-    learn is dropped (the stage counts it as truncated)."""
+def chat_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Callable[[Row], Row]:
+    """A batch of conversations -> their examples (`encode_chat`); one left without an assistant
+    token to learn is dropped (the stage counts it as truncated)."""
 
     def tokenize(batch: Row) -> Row:
-        pairs = zip(batch["prompt"], batch["response"], strict=True)
-        kept = [e for p, r in pairs if (e := encode(tokenizer, p, r, max_length)) is not None]
+        encoded = (encode_chat(tokenizer, m, max_length) for m in batch["messages"])
+        kept = [e for e in encoded if e is not None]
         return {
             "input_ids": [e.input_ids for e in kept],
             "labels": [e.labels for e in kept],

@@ -23,6 +23,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmpipeline.metrics import perplexity
+from lmpipeline.models import weights_follow_umask
 from lmpipeline.params import BudgetedParams, LaunchParams, TrainingParams
 from lmpipeline.runtime import (
     WEIGHTS,
@@ -169,6 +170,7 @@ class StageTrainer(Trainer):
         self.step_seconds = 0.0
         self.peak: Peak | None = None  # matmul peak measured before training (`train_resumable`)
         self.add_callback(StepTimer(self))
+        self.add_callback(ReadableCheckpoints())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -316,6 +318,14 @@ def count_tokens(inputs: dict[str, torch.Tensor]) -> int:
     every input id when the batch has no padding and so no mask."""
     masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
     return sum(int(m.sum()) for m in masks) if masks else inputs["input_ids"].numel()
+
+
+class ReadableCheckpoints(TrainerCallback):
+    """Each checkpoint's weights with the mode the umask gives (`weights_follow_umask`): in a
+    workspace a group shares, whoever runs `dvc repro` after a crash resumes from them."""
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[override]
+        weights_follow_umask(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 class StepTimer(TrainerCallback):

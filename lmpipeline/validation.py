@@ -1,13 +1,14 @@
 """Validation of the user's data files (the `validate_*` stages) with a Great Expectations suite.
 
-Each line of the user's file becomes a row (line number, decode/parse status, field values);
-a GX Expectation Suite per dataset checks the rows; every unexpected row becomes a message
-`file:line: what is wrong`. Only a file that passes is written out, in canonical form and, for
-prompt/response data, already split into train and eval by `seed`, so downstream stages never
-see unvalidated data and the split is decided in one place.
+Each line of the user's file, or each row of a table (`lmpipeline.sources`: Parquet, CSV, a saved
+dataset), becomes a row (its position, decode/parse status, field values); a GX Expectation Suite
+per dataset checks the rows; every unexpected row becomes a message `file:line: what is wrong`
+(`file: row N: what is wrong` in a table without lines). Only a file that passes is written out,
+in canonical form and, for prompt/response data, already split into train and eval by `seed`, so
+downstream stages never see unvalidated data and the split is decided in one place.
 
-The file is read as a stream, `validate.chunk_lines` lines at a time: the checks of one line
-(decoding, JSON, text, fields, lengths) run on each chunk, and what is written goes to a
+The file is read as a stream, `validate.chunk_lines` lines (or rows) at a time: the checks of one
+line (decoding, JSON, text, fields, lengths) run on each chunk, and what is written goes to a
 temporary file as it is checked. The checks across lines (exact duplicates, and prompts on both
 sides of the split) keep a 16-byte digest of each record and of each split key, not the texts, and
 run once the file has been read, on a frame of those digests. Memory holds one chunk and the
@@ -21,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,18 +34,28 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lmpipeline.conversations import (
+    PAIR,
+    NotAConversation,
+    Shape,
+    canonical,
+    messages_of,
+    shape_of,
+)
 from lmpipeline.data import (
     RawLine,
     canonical_json,
     eval_mask,
+    follow_umask,
     prompt_key,
     publishing_dir,
-    read_lines,
     text_problem,
     visible,
 )
 from lmpipeline.errors import StageError
-from lmpipeline.params import Bounds, Params
+from lmpipeline.params import DATASET_FIELDS, Bounds, Params, SftBounds, ValidateParams
+from lmpipeline.sources import RawRow, Source, open_source
+from lmpipeline.text_repair import KINDS, repair
 
 # GX would otherwise send usage analytics at import; this project never talks to the network.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -57,15 +69,20 @@ RECORD = "record"  # pseudo-field of checks on the whole line
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    fields: tuple[str, ...]  # ("text",) for plain text, one passage per line
-    jsonl: bool
+    fields: tuple[str, ...]  # ("text",) for the corpus: one passage per line of its output
+    jsonl: bool  # the output is JSONL records split into train and eval, not passages
     split_key: str | None = None  # field whose repeats across train/eval are leakage
+    conversations: bool = False  # records in any of the shapes of lmpipeline.conversations
 
 
 DATASETS = {
-    "pretrain": Dataset("pretrain", ("text",), jsonl=False),
-    "sft": Dataset("sft", ("prompt", "response"), jsonl=True, split_key="prompt"),
-    "rag": Dataset("rag", ("question", "answer"), jsonl=True, split_key="question"),
+    "pretrain": Dataset("pretrain", DATASET_FIELDS["pretrain"], jsonl=False),
+    # A conversation's first user turn and last assistant turn stand in its prompt and response
+    # columns: the split key is the conversation's start, so no start lands on both sides.
+    "sft": Dataset(
+        "sft", ("prompt", "response"), jsonl=True, split_key="prompt", conversations=True
+    ),
+    "rag": Dataset("rag", DATASET_FIELDS["rag"], jsonl=True, split_key="question"),
 }
 
 
@@ -85,16 +102,24 @@ class Problem:
 
 
 class ValidationFailed(StageError):
-    """The file has `total` problems; `problems` are the first ones by line, up to `max_errors`:
-    one `file:line: message` each."""
+    """The file has `total` problems; `problems` are the first ones by position, up to
+    `max_errors`: one `file:line: message` each (`file: row N: message` where `unit` is a row)."""
 
-    def __init__(self, path: Path, problems: list[Problem], total: int, max_errors: int) -> None:
+    def __init__(
+        self, path: Path, problems: list[Problem], total: int, max_errors: int, unit: str = "line"
+    ) -> None:
         super().__init__(f"{path}: {total} problem(s)")
         self.path, self.problems, self.total = path, problems[:max_errors], total
+        self.unit = unit
+
+    def where(self, position: int) -> str:
+        if self.unit == "line":
+            return f"{self.path}:{position}"
+        return f"{self.path}: {self.unit} {position}" if position else str(self.path)
 
     def report(self, stage: str) -> str:
         """The problems as `file:line: message` lines (they name the file, not the stage)."""
-        shown = [f"{self.path}:{p.line}: {p.message}" for p in self.problems]
+        shown = [f"{self.where(p.line)}: {p.message}" for p in self.problems]
         if self.total > len(self.problems):
             shown.append(f"... and {self.total - len(self.problems)} more (validate.max_errors)")
         shown.append(f"{self.path}: {self.total} problem(s); nothing was written")
@@ -104,19 +129,50 @@ class ValidationFailed(StageError):
 # --- rows --------------------------------------------------------------------------------------
 
 
-def to_frame(lines: Iterable[RawLine], ds: Dataset) -> pd.DataFrame:
-    """One row per non-blank line: status columns, one column per field (with its length after
-    stripping and whether anything visible is left), the canonical record."""
-    rows = [_row(raw, ds) for raw in lines]
+class Shapes:
+    """The shape of a file's records: the first record's (lmpipeline.conversations). Kept across
+    the chunks of a file, so a record of another shape is found wherever it stands."""
+
+    def __init__(self, bounds: SftBounds, unit: str) -> None:
+        self.bounds = bounds  # of each turn: prompt's for system and user, response's for assistant
+        self.unit = unit  # what a position counts: line or row
+        self.first: tuple[Shape, int] | None = None
+
+    def check(self, shape: Shape, number: int) -> None:
+        if self.first is None:
+            self.first = (shape, number)
+        elif self.first[0] is not shape:
+            first, at = self.first
+            raise NotAConversation(
+                f"a {shape.name} record in a file whose first record ({self.unit} {at}) is"
+                f" {first.name}: one shape per file"
+            )
+
+
+def to_frame(
+    lines: Iterable[RawLine | RawRow],
+    ds: Dataset,
+    source: Source,
+    shapes: Shapes,
+    repairing: bool,
+) -> pd.DataFrame:
+    """One row per non-blank line or table row: status columns, the kinds of repair made to it
+    (with `repairing`), one column per field (with its length after stripping and whether
+    anything visible is left), the canonical record."""
+    rows = [_row(raw, ds, source, shapes, repairing) for raw in lines]
     derived = [f"{f}{suffix}" for f in ds.fields for suffix in (CHARS, VISIBLE)]
-    columns = ["line", "decoded", "parsed", "is_text", "error", "obj", *ds.fields, *derived]
-    return pd.DataFrame(rows, columns=[*columns, RECORD]).astype(
-        {c: object for c in ["is_text", "error", "obj", *ds.fields, *derived, RECORD]}
+    status = ["line", "decoded", "parsed", "is_text", "shaped", "error", "obj", REPAIRS]
+    objects = ["is_text", "shaped", "error", "obj", REPAIRS, *ds.fields, *derived, RECORD]
+    return pd.DataFrame(rows, columns=[*status, *ds.fields, *derived, WORDS, EXTRA, RECORD]).astype(
+        dict.fromkeys(objects, object)
     )
 
 
 CHARS = "__chars"  # suffix of a field's length column: characters after stripping
 VISIBLE = "__visible"  # suffix of a field's column: is anything visible left after stripping
+WORDS = "__words"  # words of the record's texts (all turns of a conversation)
+EXTRA = "__extra"  # does the record hold keys its shape does not read
+REPAIRS = "repairs"  # column of the kinds of repair made to a line (`text_repair.KINDS`)
 
 
 class DuplicateKey(ValueError):
@@ -147,48 +203,163 @@ def parse_object(text: str) -> tuple[Any, str | None]:
         return None, "nested deeper than Python's JSON reader allows"
 
 
-def _row(raw: RawLine, ds: Dataset) -> dict[str, Any]:
-    row: dict[str, Any] = {"line": raw.number, "decoded": raw.text is not None, "parsed": False}
-    row["error"] = raw.decode_error
-    if raw.text is None:
-        return row
-    # The line itself first: a raw control character or a byte-order mark is no text, in a
-    # JSON line as in a passage (JSON would only say "invalid control character").
-    obj: Any = {"text": raw.text.strip()}
-    problem = text_problem(raw.text, multiline=False)
-    if ds.jsonl and problem is None:
-        obj, row["error"] = parse_object(raw.text)
+def _row(
+    raw: RawLine | RawRow, ds: Dataset, source: Source, shapes: Shapes, repairing: bool
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"line": raw.number, "decoded": True, "parsed": False, "error": None}
+    row[REPAIRS] = ()
+    if isinstance(raw, RawRow):  # a table's row: parsed already, its cells checked below
+        obj, row["error"] = raw.record, raw.error
+        if obj is None:
+            return row
+        problem = None
+    elif raw.text is None:
+        return {**row, "decoded": False, "error": raw.decode_error}
+    else:
+        # The line itself first: a raw control character or a byte-order mark is no text, in a
+        # JSON line as in a passage (JSON would only say "invalid control character"). What a
+        # repair mends is checked again once repaired, the rest before: no repair may hide it.
+        obj = {"text": raw.text.strip()}
+        problem = text_problem(raw.text, multiline=False, repairable=repairing)
+        if source.records and problem is None:
+            obj, row["error"] = parse_object(raw.text)
+            if row["error"] is not None:
+                return row
+            if not isinstance(obj, dict):
+                row["error"] = f"a JSON {type(obj).__name__}, not an object"
+                return row
+    shape = Shape(ds.name, ds.fields)
+    if source.records and problem is None:
+        obj, row["error"] = source.mapped(obj)
         if row["error"] is not None:
             return row
-        if not isinstance(obj, dict):
-            row["error"] = f"a JSON {type(obj).__name__}, not an object"
-            return row
-        problem = next(  # escapes such as \u0000 decode to what the line could not hold
-            (
-                f"'{f}' holds a {p}"
-                for f in ds.fields
-                if isinstance(obj.get(f), str) and (p := text_problem(obj[f], multiline=True))
-            ),
-            None,
-        )
+        shape = shape_of(obj) if ds.conversations else shape
+        problem = _fields_problem(obj, shape.keys, ds, source, repairing)
+    if repairing and problem is None:
+        # A passage unstripped: str.strip() also takes a NEL (U+0085) that must be refused.
+        whole = obj if source.records else {"text": raw.text}  # type: ignore[union-attr]
+        obj, row[REPAIRS], problem = _repaired(whole, shape.keys, ds, source)
     row.update(parsed=True, is_text=problem is None, error=problem, obj=obj)
     if problem is not None:  # what is not text goes no further, not even into pandas' columns
         return row
-    for f in ds.fields:
-        value = obj.get(f)
+    values = {f: obj.get(f) for f in ds.fields}
+    if not ds.jsonl:  # a passage from a record is stripped, as a line of a .txt file is
+        values = {f: v.strip() if isinstance(v, str) else v for f, v in values.items()}
+    record, texts = values, list(values.values())
+    if ds.conversations:
+        try:
+            shapes.check(shape, raw.number)
+            turns = None if shape is PAIR else messages_of(obj, shape, shapes.bounds)
+        except NotAConversation as err:
+            row.update(shaped=False, error=str(err))
+            return row
+        record = canonical(obj, shape, turns)
+        if turns is not None:
+            texts = [t["content"] for t in turns]
+            values = {
+                "prompt": next(t["content"] for t in turns if t["role"] == "user"),
+                "response": turns[-1]["content"],
+            }
+    row["shaped"] = True
+    for f, value in values.items():
         row[f] = value
         if isinstance(value, str):
             row[f + CHARS] = len(value.strip())
             row[f + VISIBLE] = bool(visible(value))
-    row[RECORD] = canonical_json({f: obj.get(f) for f in ds.fields})
+    row[WORDS] = sum(len(t.split()) for t in texts if isinstance(t, str))
+    row[EXTRA] = bool(set(obj) - set(shape.keys))
+    row[RECORD] = _canonical(record)
     return row
+
+
+LINE_BREAK = re.compile("[\n\r]")
+
+
+def _fields_problem(
+    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source, repairing: bool
+) -> str | None:
+    """What in the strings of a record's `keys` (a conversation's turns included) is not text,
+    or None: JSON escapes such as \\u0000 decode to what a line could not hold, and a table's
+    cell holds anything. A passage is one line of the corpus: it is stripped, as a line of a .txt
+    file is (so a cell's trailing line break goes), and a line break inside it is refused."""
+    for f in keys:
+        for value in _strings(obj.get(f)):
+            inside = (len(value) - len(value.lstrip()), len(value.rstrip()))
+            if not ds.jsonl and (found := LINE_BREAK.search(value, *inside)):
+                return (
+                    f"'{source.name(f)}' holds a line break at column {found.start() + 1}; a"
+                    " passage is one line: give each passage a row of its own"
+                )
+            if problem := text_problem(value, multiline=True, repairable=repairing):
+                return f"'{source.name(f)}' holds a {problem}"
+    return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings in a field's value: itself, or those of the turns of a conversation."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict):
+                yield from (v for v in item.values() if isinstance(v, str))
+
+
+def _canonical(values: dict[str, Any]) -> str | None:
+    """The canonical JSON of a record's fields; None where a value has no JSON form (bytes, a
+    date from a Parquet file), which the field's type check reports."""
+    try:
+        return canonical_json(values)
+    except TypeError:
+        return None
+
+
+def _repaired(
+    obj: dict[str, Any], keys: tuple[str, ...], ds: Dataset, source: Source
+) -> tuple[dict[str, Any], tuple[str, ...], str | None]:
+    """`obj` with the strings of its `keys` repaired (a conversation's turns included), the kinds
+    of repair made, and what still makes one of them no text: a C1 control that was no
+    mojibake, or what a repair decoded."""
+    obj, made = dict(obj), set()
+
+    def fixed(f: str, text: str) -> str:
+        new, kinds = repair(text)
+        if problem := text_problem(new, multiline=source.records):
+            where = ", in the repaired text" if kinds else ""  # its columns are the repaired ones
+            raise _NotText(
+                f"'{source.name(f)}' holds a {problem}{where}"
+                if source.records
+                else problem + where
+            )
+        made.update(kinds)
+        return new if source.records else new.strip()  # a passage is stripped, as before
+
+    try:
+        for f in keys:
+            value = obj.get(f)
+            if isinstance(value, str):
+                obj[f] = fixed(f, value)
+            elif isinstance(value, list):  # a conversation: the strings of each turn
+                obj[f] = [
+                    {k: fixed(f, v) if isinstance(v, str) else v for k, v in item.items()}
+                    if isinstance(item, dict)
+                    else item
+                    for item in value
+                ]
+    except _NotText as err:
+        return obj, (), str(err)
+    return obj, tuple(k for k in KINDS if k in made), None
+
+
+class _NotText(ValueError):
+    """What a repaired string still holds that is no text."""
 
 
 # --- the suite ---------------------------------------------------------------------------------
 
 
-def row_checks(ds: Dataset, params: Params) -> list[Check]:
-    """The expectations on each line alone, in the order problems are worth reporting."""
+def row_checks(ds: Dataset, params: Params, source: Source) -> list[Check]:
+    """The expectations on each line or row alone, in the order problems are worth reporting."""
     checks = [
         Check(
             gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True]),
@@ -196,12 +367,12 @@ def row_checks(ds: Dataset, params: Params) -> list[Check]:
             lambda r: f"not valid UTF-8 ({r['error']}); re-save the file as UTF-8",
         )
     ]
-    if ds.jsonl:
+    if source.records:
         checks.append(
             Check(
                 gxe.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True]),
                 RECORD,
-                lambda r: f"not one well-formed JSON object: {r['error']}",
+                lambda r: f"not one well-formed {source.shape}: {r['error']}",
             )
         )
     checks.append(
@@ -212,55 +383,69 @@ def row_checks(ds: Dataset, params: Params) -> list[Check]:
             lambda r: f"not text: {r['error']}",
         )
     )
+    if ds.conversations:
+        checks.append(
+            Check(
+                # null where the line did not get this far: the checks above speak for it
+                gxe.ExpectColumnValuesToBeInSet(column="shaped", value_set=[True]),
+                RECORD,
+                lambda r: str(r["error"]),
+            )
+        )
     bounds = getattr(params.validate, ds.name)
     for name in ds.fields:
-        checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name))
+        checks += _field_checks(f"validate.{ds.name}.{name}", name, getattr(bounds, name), source)
     return checks
 
 
-def cross_checks(ds: Dataset) -> list[Check]:
-    """The expectations across lines, on the frame of digests (`Digests.frame`)."""
+def cross_checks(ds: Dataset, source: Source) -> list[Check]:
+    """The expectations across lines or rows, on the frame of digests (`Digests.frame`)."""
+    unit = source.unit
     checks = [
         Check(
             gxe.ExpectColumnValuesToBeUnique(column=RECORD),
             RECORD,
             lambda r: (
-                "exact duplicate of line(s) "
+                f"exact duplicate of {unit}(s) "
                 f"{_lines([n for n in r['copies'] if n != r['line']])}; keep one copy"
             ),
         )
     ]
     if ds.split_key:
-        key = ds.split_key
+        key = source.name(ds.split_key)
         checks.append(
             Check(
                 gxe.ExpectColumnValuesToBeNull(column="leaks_to"),
                 RECORD,
                 lambda r: (
-                    f"{key} also at line(s) {_lines(r['leaks_to'])}, which the split puts on the "
-                    f"other side of train/eval (leakage); merge or reword the repeats"
+                    f"{key} also at {unit}(s) {_lines(r['leaks_to'])}, which the split puts on "
+                    f"the other side of train/eval (leakage); merge or reword the repeats"
                 ),
             )
         )
     return checks
 
 
-def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
+def _field_checks(param: str, name: str, bounds: Bounds, source: Source) -> list[Check]:
+    label = source.name(name)  # the file's name for the field: messages speak of its columns
+    mapped = f" (data.columns.{source.dataset} maps it onto '{name}')" if label != name else ""
     return [
         Check(
             gxe.ExpectColumnValuesToNotBeNull(column=name),
             name,
-            lambda r: f"'{name}' is null" if name in r["obj"] else f"missing key '{name}'",
+            lambda r: (
+                f"'{label}' is null" if name in r["obj"] else f"missing key '{label}'{mapped}"
+            ),
         ),
         Check(
             gxe.ExpectColumnValuesToBeOfType(column=name, type_="str"),
             name,
-            lambda r: f"'{name}' must be a string, got {type(r[name]).__name__} {r[name]!r:.40}",
+            lambda r: f"'{label}' must be a string, got {type(r[name]).__name__} {r[name]!r:.40}",
         ),
         Check(
             gxe.ExpectColumnValuesToBeInSet(column=name + VISIBLE, value_set=[True]),
             name,
-            lambda r: f"'{name}' is empty once whitespace and invisible characters are removed",
+            lambda r: f"'{label}' is empty once whitespace and invisible characters are removed",
         ),
         Check(
             gxe.ExpectColumnValuesToBeBetween(
@@ -270,7 +455,7 @@ def _field_checks(param: str, name: str, bounds: Bounds) -> list[Check]:
             lambda r: (
                 # int: the column is float in a chunk where another line has no count (NaN),
                 # and the message must not depend on how the file was cut into chunks.
-                f"'{name}' has {int(r[name + CHARS])} characters once stripped, outside "
+                f"'{label}' has {int(r[name + CHARS])} characters once stripped, outside "
                 f"[{bounds.min_chars}, {bounds.max_chars}] ({param} in params.yaml)"
             ),
         ),
@@ -333,7 +518,7 @@ class Suite:
             for idx in res.result.get("unexpected_index_list") or []:
                 row = frame.loc[idx]
                 # A line that did not decode, parse or hold text has no fields to speak of.
-                usable = row["parsed"] and row["is_text"]
+                usable = row["parsed"] and row["is_text"] and row["shaped"]
                 if check.field != RECORD and not usable:
                     continue
                 slot = (int(row["line"]), check.field if usable else RECORD)
@@ -414,15 +599,38 @@ class Digests:
                 if len(other):
                     leaks_to[row] = lines[other].tolist()
         frame = pd.DataFrame(
-            {"line": lines, "parsed": usable, "is_text": usable, RECORD: records}
+            {"line": lines, "parsed": usable, "is_text": usable, "shaped": usable, RECORD: records}
         ).assign(copies=copies, leaks_to=leaks_to)
         return frame, held_out
+
+
+SHOWN_LINES = 5  # the lines of each kind of repair that the report names
+
+
+@dataclass
+class Repairs:
+    """The lines each kind of repair changed: how many, and the first `SHOWN_LINES` of them."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    first: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def __bool__(self) -> bool:
+        return any(self.counts.values())
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Count the repairs of a chunk's rows (chunks come in file order)."""
+        for line, kinds in zip(frame["line"], frame[REPAIRS], strict=True):
+            for kind in kinds:
+                self.counts[kind] += 1
+                if len(self.first[kind]) < SHOWN_LINES:
+                    self.first[kind].append(int(line))
 
 
 @dataclass
 class Scan:
     """What one pass over a file found: the digests, the first problems of single lines (up to
-    `validate.max_errors`, in file order) and their number, and the counts of its records."""
+    `validate.max_errors`, in file order) and their number, the counts of its records and the
+    repairs made."""
 
     digests: Digests = field(default_factory=Digests)
     problems: list[Problem] = field(default_factory=list)
@@ -430,36 +638,37 @@ class Scan:
     records: int = 0
     words: int = 0
     with_extra_fields: int = 0
+    repairs: Repairs = field(default_factory=Repairs)
 
 
-def scan(
-    path: Path, ds: Dataset, suite: Suite, staged: IO[str], chunk_lines: int, max_errors: int
-) -> Scan:
-    """Check each line of `path`, `chunk_lines` at a time, and write the records that hold text
-    to `staged` as they pass (the text of a passage, or the canonical JSON of a record)."""
-    found = Scan()
+def scan(source: Source, ds: Dataset, suite: Suite, staged: IO[str], cfg: ValidateParams) -> Scan:
+    """Check each line or row of `source`, `validate.chunk_lines` at a time, repaired first under
+    `validate.text: repair`, and write the records that hold text to `staged` as they pass (the
+    text of a passage, or the canonical JSON of a record)."""
+    found, shapes = Scan(), Shapes(cfg.sft, source.unit)
     # A bar in a terminal only: messages and logs keep one line per problem.
     bar = tqdm(
-        read_lines(path),
+        source.rows(),
         desc=f"validate {ds.name}",
-        unit=" lines",
+        unit=f" {source.unit}s",
         unit_scale=True,
         disable=None,
         leave=False,
     )
     lines = iter(bar)  # one iterator: each chunk takes up where the last one stopped
-    for chunk in iter(lambda: list(itertools.islice(lines, chunk_lines)), []):
-        frame = to_frame(chunk, ds)
+    for chunk in iter(lambda: list(itertools.islice(lines, cfg.chunk_lines)), []):
+        frame = to_frame(chunk, ds, source, shapes, repairing=cfg.text == "repair")
         problems = suite.run(frame)
-        found.problems += problems[: max_errors - len(found.problems)]
+        found.problems += problems[: cfg.max_errors - len(found.problems)]
         found.total += len(problems)
         found.digests.add(frame, ds.split_key)
+        found.repairs.add(frame)
         found.records += len(frame)
         kept = frame[frame[RECORD].notna()]
         if found.total:  # nothing will be written: only the checks go on
             continue
-        found.words += sum(len(v.split()) for f in ds.fields for v in kept[f])
-        found.with_extra_fields += sum(bool(set(o) - set(ds.fields)) for o in kept["obj"])
+        found.words += int(kept[WORDS].sum())
+        found.with_extra_fields += int(kept[EXTRA].sum())
         staged.writelines(t + "\n" for t in (kept[RECORD] if ds.jsonl else kept["text"]))
     return found
 
@@ -491,28 +700,40 @@ def publish_splits(
     return counts
 
 
+@dataclass
+class Checked:
+    """What the report tells of a file that passed, besides its counts: each expectation's
+    outcome and the repairs made."""
+
+    outcomes: list[Outcome]
+    repairs: Repairs
+
+
 def validate_file(
     path: Path,
     ds: Dataset,
     params: Params,
     output: Path,
     golds: Callable[[], Golds] | None = None,
-) -> tuple[dict[str, Any], list[Outcome]]:
+) -> tuple[dict[str, Any], Checked]:
     """Check `path` and, only if it passes, write its canonical form to `output` (a text file,
     or train.jsonl and eval.jsonl split by `seed`, each question with the gold chunk ids of the
-    rule `golds` makes, once the file has passed).
-    Return the counts (deterministic: no paths, no timestamps) and each expectation's outcome;
-    raise ValidationFailed, having written nothing, when it does not pass."""
+    rule `golds` makes, once the file has passed), repaired under `validate.text: repair`.
+    Return the counts (deterministic: no paths, no timestamps), each expectation's outcome and
+    the repairs; raise ValidationFailed, having written nothing, when it does not pass."""
     cfg = params.validate
-    row_suite = Suite(ds.name, row_checks(ds, params))
-    cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds))
+    columns = getattr(params.data.columns, ds.name)
+    source = open_source(path, ds.name, DATASET_FIELDS[ds.name], columns)
+    row_suite = Suite(ds.name, row_checks(ds, params, source))
+    cross_suite = Suite(f"{ds.name}_across_lines", cross_checks(ds, source))
     # Staged beside the output (a rename publishes it); folders made for it go if it fails.
     made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w+", encoding="utf-8", newline="\n") as staged:
-            found = scan(path, ds, row_suite, staged, cfg.chunk_lines, cfg.max_errors)
+            follow_umask(fd)  # pretrain's output, once renamed
+            found = scan(source, ds, row_suite, staged, cfg)
             fraction = getattr(params, ds.name).eval_fraction if ds.split_key else 0.0
             frame, held_out = found.digests.frame(fraction, params.seed)
             across = cross_suite.run(frame)
@@ -521,7 +742,7 @@ def validate_file(
             if found.records == 0 and not problems:
                 problems, total = [Problem(0, "no records: the file is empty")], 1
             if problems:
-                raise ValidationFailed(path, problems, total, cfg.max_errors)
+                raise ValidationFailed(path, problems, total, cfg.max_errors, source.unit)
             metrics: dict[str, Any] = {
                 "records": found.records,
                 "words": found.words,
@@ -531,6 +752,8 @@ def validate_file(
             if ds.split_key:
                 metrics["train"] = int((~held_out).sum())
                 metrics["eval"] = int(held_out.sum())
+            if found.repairs:  # only then: a file that needs none keeps the counts it had
+                metrics["repairs"] = found.repairs.counts
             staged.seek(0)
             if ds.jsonl:
                 rule = golds() if golds else None
@@ -546,13 +769,12 @@ def validate_file(
                 folder.rmdir()
         raise
     Path(name).unlink(missing_ok=True)
-    return metrics, [*row_suite.outcomes, *cross_suite.outcomes]
+    return metrics, Checked([*row_suite.outcomes, *cross_suite.outcomes], found.repairs)
 
 
-def render_report(
-    source: str, ds: Dataset, outcomes: list[Outcome], metrics: dict[str, Any]
-) -> str:
+def render_report(source: str, ds: Dataset, checked: Checked, metrics: dict[str, Any]) -> str:
     """A Markdown report of the suite that a person (or GitHub) reads."""
+    outcomes = checked.outcomes
     lines = [
         f"# Validation of `{source}`",
         "",
@@ -563,10 +785,30 @@ def render_report(
         "|---|---|---|---:|---:|",
     ]
     for o in outcomes:
-        checked = "" if o.checked is None else o.checked
+        rows = "" if o.checked is None else o.checked
         lines.append(
             f"| {o.type} | {o.column} | {json.dumps(o.kwargs, sort_keys=True)}"
-            f" | {checked} | {o.unexpected} |"
+            f" | {rows} | {o.unexpected} |"
         )
+    if checked.repairs:
+        lines += _repairs_section(checked.repairs)
     lines += ["", "## Counts", "", "```json", json.dumps(metrics, indent=2, sort_keys=True), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _repairs_section(repairs: Repairs) -> list[str]:
+    lines = [
+        "",
+        "## Repairs",
+        "",
+        "`validate.text: repair` mended these lines before checking them; the canonical output"
+        " holds the repaired text.",
+        "",
+        "| repair | lines | first lines |",
+        "|---|---:|---|",
+    ]
+    for kind, count in repairs.counts.items():
+        if count:
+            shown = _lines(repairs.first[kind]) + (", ..." if count > SHOWN_LINES else "")
+            lines.append(f"| {kind} | {count} | {shown} |")
+    return lines

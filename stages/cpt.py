@@ -25,7 +25,7 @@ from lmpipeline.cpt import (
     make_trainer,
     split_blocks,
 )
-from lmpipeline.models import check_positions, load_tokenizer, resolve_model
+from lmpipeline.models import check_positions, load_tokenizer, resolve_model, save_pretrained
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.stage import INPUT, StageResult, TrainingPaths
@@ -90,8 +90,7 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
 
     final = evaluate(model, eval_batches)
     print(describe("cpt", "final", final))
-    model.save_pretrained(paths.output)
-    tokenizer.save_pretrained(paths.output)
+    save_pretrained(paths.output, model, tokenizer)
     write_curves(trainer.state.log_history, paths.plots)
     speed = throughput("cpt", trainer, flops_per_token(model, cfg.mlm_probability), device)
     return StageResult({"base": base, "final": final}, {"train": speed})

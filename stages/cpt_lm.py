@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, set_seed
 from lmpipeline import launch
 from lmpipeline.chat import load_causal_lm
 from lmpipeline.cpt_lm import eval_batches, evaluate, make_trainer, split_blocks
-from lmpipeline.models import check_positions
+from lmpipeline.models import check_positions, save_pretrained
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.sft import flops_per_token, with_lora
@@ -93,8 +93,7 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
 
     final = evaluate(model, batches)
     print(describe("cpt_lm", "final", final))
-    model.save_pretrained(paths.output)
-    tokenizer.save_pretrained(paths.output)
+    save_pretrained(paths.output, model, tokenizer)
     write_curves(trainer.state.log_history, paths.plots)
     speed = throughput("cpt_lm", trainer, flops, device)
     blocks = {"train": len(train), "held_out": len(held_out)}

@@ -20,7 +20,7 @@ from transformers import set_seed
 from lmpipeline import launch
 from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
 from lmpipeline.data import read_jsonl, write_text_atomic
-from lmpipeline.models import check_positions
+from lmpipeline.models import check_positions, save_pretrained
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.sft import (
@@ -106,8 +106,7 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
 
     final, final_answers = evaluate(model, tokenizer, batches, eval_records, cfg)
     print(describe("sft", "final", final))
-    model.save_pretrained(paths.output)
-    tokenizer.save_pretrained(paths.output)
+    save_pretrained(paths.output, model, tokenizer)
     write_curves(trainer.state.log_history, paths.plots)
     samples = samples_markdown(eval_records, base_answers, final_answers, cfg.samples)
     write_text_atomic(paths.samples, samples)

@@ -113,16 +113,14 @@ def run(params: Params, paths: TokenizePaths) -> None:
 def sft_examples(params: Params, paths: TokenizePaths) -> dict[str, Any]:
     cfg = params.sft
     tokenizer = generator_tokenizer(paths, chat=True)
-    tokenize = tokens.pair_tokenizer(tokenizer, cfg.max_length)
+    tokenize = tokens.chat_tokenizer(tokenizer, cfg.max_length)
     splits, counts = {}, {}
     with tokens.staging(paths.output) as work:
         for split in ("train", "eval"):
-            pairs = tokens.rows_of(
-                paths.data / f"{split}.jsonl", Path(work), ["prompt", "response"]
-            )
-            examples = tokens.tokenize(pairs, tokenize, tokens.EXAMPLE_FEATURES)
-            # A pair dropped for want of a response token counts as truncated too.
-            dropped = len(pairs) - len(examples)
+            chats = tokens.conversations_of(paths.data / f"{split}.jsonl", Path(work))
+            examples = tokens.tokenize(chats, tokenize, tokens.EXAMPLE_FEATURES)
+            # A conversation dropped for want of an assistant token counts as truncated too.
+            dropped = len(chats) - len(examples)
             splits[split] = examples
             counts[f"{split}_examples"] = len(examples)
             truncated = examples.data.column("truncated").to_pylist()

@@ -9,6 +9,9 @@ the validated passages that state its answer (`lmpipeline.rag.knowledge` has the
         --passages output/data/pretrain.txt --metrics metrics/validate/rag.json \
         --report metrics/validate/rag.md
 
+The input may be a .jsonl, .txt (pretrain), .parquet or .csv file, or a folder saved by
+`Dataset.save_to_disk` (`lmpipeline.sources` reads each); dvc.yaml passes params' `data.<dataset>`,
+and the stage reads the column mapping, `data.columns.<dataset>`, from the params itself.
 The suites and the split are in `lmpipeline.validation`.
 """
 
@@ -31,9 +34,9 @@ from lmpipeline.validation import DATASETS, render_report, validate_file
 @dataclass(frozen=True)
 class ValidatePaths:
     dataset: str = field(metadata={"choices": sorted(DATASETS)})
-    """The kind of data: pretrain (text), sft or rag (JSONL)."""
+    """The kind of data: pretrain (passages), sft or rag (records)."""
     input: Path = field(metadata=INPUT)
-    """The user's data file."""
+    """The user's data: a .jsonl, .txt (pretrain), .parquet or .csv file, or a saved dataset."""
     output: Path
     """The canonical file (pretrain), or the directory of train.jsonl and eval.jsonl."""
     metrics: Path
@@ -62,9 +65,9 @@ def gold_rule(passages: Path | None, params: Params) -> GoldRule:
 def run(params: Params, paths: ValidatePaths) -> None:
     ds = DATASETS[paths.dataset]
     golds = (lambda: gold_rule(paths.passages, params)) if ds.name == "rag" else None
-    metrics, outcomes = validate_file(paths.input, ds, params, paths.output, golds)
+    metrics, checked = validate_file(paths.input, ds, params, paths.output, golds)
     write_text_atomic(paths.metrics, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, outcomes, metrics))
+    write_text_atomic(paths.report, render_report(paths.input.as_posix(), ds, checked, metrics))
     split = f", {metrics['train']} train / {metrics['eval']} eval" if ds.split_key else ""
     print(f"validate {ds.name}: {paths.input} OK, {metrics['records']} records{split}")
 

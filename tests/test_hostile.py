@@ -1,5 +1,6 @@
 """Any bytes as a user's file: validation either accepts records that round-trip through the
-canonical output, or refuses with `file:line` messages; it never raises anything else, and it
+canonical output (as they are under `validate.text: strict`, as `text_repair.repair` makes them
+under `repair`), or refuses with `file:line` messages; it never raises anything else, and it
 decides, says and writes the same whether the file is read in chunks of two lines or in one."""
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from hypothesis import strategies as st
 
 from lmpipeline.data import BOM, read_jsonl, read_passages
 from lmpipeline.params import Params
+from lmpipeline.text_repair import repair
 from lmpipeline.validation import DATASETS, Dataset, ValidationFailed, validate_file
 
 # Bytes that make the hard cases likely: JSON syntax, escapes, controls, BOMs, separators,
-# surrogates, invalid UTF-8, and the fields the datasets need.
+# surrogates, invalid UTF-8, what a repair mends (mojibake, NFD, a soft hyphen), and the fields
+# the datasets need.
 PIECES = [
     b'{"prompt": "',
     b'{"question": "',
@@ -38,6 +41,9 @@ PIECES = [
     b"\xe2\x80\xa8",
     b"\xe2\x80\x8b",
     b"\xef\xbb\xbf",
+    b"\xc3\xa2\xe2\x82\xac\xe2\x84\xa2",  # the mojibake of U+2019: "â€™"
+    b"e\xcc\x81",  # NFD "é"
+    b"\xc2\xad",
     b"\xff",
     b"[",
     b"]",
@@ -55,10 +61,11 @@ FILES = st.one_of(
 )
 
 
-def outcome(source: Path, ds: Dataset, chunk_lines: int, work: Path) -> tuple[Any, ...]:
+def outcome(source: Path, ds: Dataset, chunk_lines: int, text: str, work: Path) -> tuple[Any, ...]:
     """What validating `source` in chunks of `chunk_lines` lines into the empty `work` gives:
     the report of a refusal, or the counts, the outcomes and the bytes of every file written."""
-    params = replace(Params(), validate=replace(Params().validate, chunk_lines=chunk_lines))
+    validate = replace(Params().validate, chunk_lines=chunk_lines, text=text)
+    params = replace(Params(), validate=validate)
     out = work / "out"
     try:
         metrics, outcomes = validate_file(source, ds, params, out)
@@ -70,30 +77,38 @@ def outcome(source: Path, ds: Dataset, chunk_lines: int, work: Path) -> tuple[An
     return ("accepted", metrics, outcomes, [(f.name, f.read_bytes()) for f in files])
 
 
-def check(root: Path, dataset: str, content: bytes) -> None:
+def mended(value: Any, text: str) -> Any:
+    """A string as the canonical output holds it under `validate.text`."""
+    return repair(value)[0] if text == "repair" and isinstance(value, str) else value
+
+
+def check(root: Path, dataset: str, content: bytes, text: str) -> None:
     ds = DATASETS[dataset]
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        source, streamed, whole = Path(tmp) / "input", Path(tmp) / "2", Path(tmp) / "all"
+        name = "input.txt" if dataset == "pretrain" else "input.jsonl"
+        source, streamed, whole = Path(tmp) / name, Path(tmp) / "2", Path(tmp) / "all"
         source.write_bytes(content)
         streamed.mkdir()
         whole.mkdir()
-        result = outcome(source, ds, 10_000, whole)
+        result = outcome(source, ds, 10_000, text, whole)
         # Chunks of two lines find, say and write exactly what one chunk does.
-        assert outcome(source, ds, 2, streamed) == result
+        assert outcome(source, ds, 2, text, streamed) == result
         if result[0] == "refused":
             assert all(line.startswith(f"{source}:") for line in result[1].splitlines())
             return
         lines = [t.strip() for t in content.removeprefix(BOM).decode().split("\n") if t.strip()]
         out = whole / "out"
         if dataset == "pretrain":
-            assert read_passages(out) == lines
+            assert read_passages(out) == [mended(t, text).strip() for t in lines]
             return
         written = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
-        expected = [{f: json.loads(t)[f] for f in ds.fields} for t in lines]
+        expected = [{f: mended(json.loads(t)[f], text) for f in ds.fields} for t in lines]
         key = json.dumps
         assert sorted(map(key, written)) == sorted(map(key, expected))
 
 
+# The default policy in the fast suite; strict, checked line by line in test_validate, in CI.
+@pytest.mark.parametrize("text", [pytest.param("strict", marks=pytest.mark.slow), "repair"])
 @pytest.mark.parametrize("dataset", ["pretrain", "sft", "rag"])
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -103,6 +118,6 @@ def check(root: Path, dataset: str, content: bytes) -> None:
 # ("12.0 characters") in one chunk, an int in chunks of two lines.
 @example(content=b'{"prompt": "{"prompt": "\xc2\x85\r\n{"prompt": "\n{"prompt": "')
 def test_any_bytes_are_accepted_as_round_tripping_records_or_refused_by_line(
-    tmp_path: Path, dataset: str, content: bytes
+    tmp_path: Path, dataset: str, text: str, content: bytes
 ) -> None:
-    check(tmp_path, dataset, content)
+    check(tmp_path, dataset, content, text)

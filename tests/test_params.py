@@ -186,3 +186,25 @@ def test_rag_choices_are_names_and_the_calibration_slice_a_share(tmp_path: Path)
     ]:
         with pytest.raises(ParamsError, match=says):
             load_params(write(tmp_path, f"rag:\n  {bad}\n"))
+
+
+def test_a_column_mapping_names_a_dataset_and_maps_once_onto_each_field(tmp_path: Path) -> None:
+    params = load_params(
+        write(tmp_path, "data:\n  sft: data/sft.csv\n  columns:\n    sft: {instruction: prompt}\n")
+    )
+    assert (params.data.sft, params.data.columns.sft) == ("data/sft.csv", {"instruction": "prompt"})
+    with pytest.raises(ParamsError, match=r"unknown key 'data\.columns\.chat'"):
+        load_params(write(tmp_path, "data:\n  columns:\n    chat: {a: prompt}\n"))
+    with pytest.raises(
+        ParamsError,
+        match=r"data\.columns\.sft\.instruction maps onto 'promt', which sft records do not have"
+        r" \(sft's fields: prompt, response, messages, conversations, instruction, input, output,"
+        r" system\)",
+    ):
+        load_params(write(tmp_path, "data:\n  columns:\n    sft: {instruction: promt}\n"))
+    with pytest.raises(
+        ParamsError, match=r"data\.columns\.rag maps 'query' and 'q' both onto 'question'; keep one"
+    ):
+        load_params(write(tmp_path, "data:\n  columns:\n    rag: {query: question, q: question}\n"))
+    with pytest.raises(ParamsError, match=r"data\.columns\.sft\.True must map a column name"):
+        load_params(write(tmp_path, "data:\n  columns:\n    sft: {yes: prompt}\n"))

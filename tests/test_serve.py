@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from openai import APIError, OpenAI
 from transformers import AutoTokenizer, DPRContextEncoder
 
+from lmpipeline.chat import encode_chat
 from lmpipeline.rag import ask, rag_sequence
 from lmpipeline.rag.index import build_index, embed
 from lmpipeline.rag.knowledge import Entry
@@ -224,6 +225,29 @@ def test_sft_answers_the_conversation_closed_book(client: httpx.Client) -> None:
     alone = client.post("/v1/chat/completions", json={**body, "messages": conversation[-1:]})
     # The earlier turns are in the prompt.
     assert answer["usage"]["prompt_tokens"] > alone.json()["usage"]["prompt_tokens"]
+
+
+def test_sft_reads_a_chat_as_its_training_tokenized_it(
+    client: httpx.Client, engine: Engine
+) -> None:
+    """The prompt of a multi-turn request is, token for token, the start of the training example
+    of that conversation, up to where the answer is learned."""
+    conversation = [
+        {"role": "system", "content": "answer in one sentence ."},
+        {"role": "user", "content": "what does the model learn ?"},
+        {"role": "assistant", "content": "to predict masked tokens ."},
+        {"role": "user", "content": "from what ?"},
+    ]
+    _, tokenizer = engine.sft
+    answer = {"role": "assistant", "content": "from context ."}
+    trained = encode_chat(tokenizer, [*conversation, answer], 1024)
+    assert trained is not None
+    learned = next(i for i, label in enumerate(trained.labels[::-1]) if label == -100)
+    expected = trained.input_ids[: len(trained.labels) - learned]
+    assert engine.chat_prompt(conversation) == expected
+    body = {"model": "sft", "messages": conversation, "max_tokens": 3}
+    usage = client.post("/v1/chat/completions", json=body).json()["usage"]
+    assert usage["prompt_tokens"] == len(expected)
 
 
 @pytest.mark.parametrize("model", ["rag", "sft"])

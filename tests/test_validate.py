@@ -1,13 +1,17 @@
 import json
+import unicodedata
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmpipeline import validation
 from lmpipeline.data import eval_mask, read_jsonl, read_passages
 from lmpipeline.params import load_params
 from lmpipeline.rag.knowledge import passage_chunks
+from lmpipeline.text_repair import repair
 from stages import cpt as cpt_stage
 from stages import rag as rag_stage
 from stages import sft as sft_stage
@@ -121,7 +125,8 @@ def test_bom_crlf_blank_lines_and_extra_fields_are_accepted(
     assert all(set(r) == {"prompt", "response"} for r in train + held_out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["records"] == len(GOOD) and metrics["with_extra_fields"] == len(GOOD)
-    assert "13/13 expectations met" in (out / "report.md").read_text()
+    # 12 on each line (the conversation check among them) and 2 across lines
+    assert "14/14 expectations met" in (out / "report.md").read_text()
 
 
 def test_prompt_repeated_across_train_and_eval_is_leakage(
@@ -341,3 +346,174 @@ def test_streamed_validation_writes_what_one_chunk_writes(tmp_path: Path) -> Non
         outputs.append((out / "metrics.json").read_bytes())
         outputs.append((out / "report.md").read_text().replace(str(work), "<work>"))
     assert outputs[:3] == outputs[3:]
+
+
+# --- validate.text: repair or strict -------------------------------------------------------------
+
+STRICT = "validate: {text: strict}\n"
+REPAIR = "validate: {text: repair, chunk_lines: 2}\n"  # two lines a chunk: counts span chunks
+# "don\u2019t" (a curly apostrophe) encoded in UTF-8 and read as Windows-1252: "donâ€™t"
+MOJIBAKE = "I don\u00e2\u20ac\u2122t know why this passage was mangled."
+MENDED = "I don\u2019t know why this passage was mangled."
+MID_LINE_BOM = "A zero-width\ufeff no-break space sits in this passage."
+NFD = "Cafe\u0301 au lait is written decomposed in this passage."
+# A Persian word with its ZERO WIDTH NON-JOINER, an emoji sequence with its ZERO WIDTH JOINER
+JOINERS = (
+    "Persian \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 and"
+    " \U0001f468\u200d\U0001f469 keep their joiners."
+)
+
+
+def passages(*lines: str) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_repair_mends_mojibake_a_mid_line_bom_and_nfd_and_counts_each_at_its_lines(
+    tmp_path: Path,
+) -> None:
+    plain = [f"Passage number {i} is plain and long enough." for i in range(4)]
+    lines = [plain[0], MOJIBAKE, MID_LINE_BOM, plain[1], NFD, plain[2], "Soft hy\u00adphens " * 3]
+    lines += [plain[3], MOJIBAKE.replace("mangled", "mangled too")]
+    lines += [NFD.replace("lait", f"lait {i}") for i in range(5)]  # lines 10-14
+    assert run(tmp_path, "pretrain", passages(*lines), REPAIR) == 0
+    written = read_passages(tmp_path / "out/data")
+    assert written[1] == MENDED
+    assert written[2] == "A zero-width no-break space sits in this passage."
+    assert written[4] == "Caf\u00e9 au lait is written decomposed in this passage."
+    assert written[6] == "Soft hyphens Soft hyphens Soft hyphens"
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["repairs"] == {"mojibake": 2, "nfc": 6, "soft_hyphen": 1, "zero_width": 1}
+    report = (tmp_path / "out/report.md").read_text()
+    assert "## Repairs" in report
+    rows = ["| mojibake | 2 | 2, 9 |", "| zero_width | 1 | 3 |", "| soft_hyphen | 1 | 7 |"]
+    for row in [*rows, "| nfc | 6 | 5, 10, 11, 12, 13, ... |"]:  # the first five lines
+        assert row in report
+
+
+def test_strict_refuses_a_mid_line_bom_and_keeps_valid_text_as_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = [f"Passage number {i} is plain and long enough." for i in range(3)]
+    assert run(tmp_path, "pretrain", passages(*plain[:2], MID_LINE_BOM), STRICT) == 1
+    assert errors(capsys)[0] == (
+        f"{tmp_path / 'input.txt'}:3: not text: byte-order mark U+FEFF at column 13"
+        " (files joined together?); remove it"
+    )
+    lines = [*plain, NFD, MOJIBAKE, "Soft hy\u00adphens stay as they are here."]
+    assert run(tmp_path, "pretrain", passages(*lines), STRICT) == 0
+    assert read_passages(tmp_path / "out/data") == lines
+    assert "repairs" not in json.loads((tmp_path / "out/metrics.json").read_text())
+    assert "## Repairs" not in (tmp_path / "out/report.md").read_text()
+
+
+@pytest.mark.parametrize("policy", [STRICT, REPAIR])
+@pytest.mark.parametrize("control", ["\x0b", "\x85", "\x7f", "\x00"])
+def test_a_control_character_is_refused_under_both_policies_even_beside_mojibake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str, control: str
+) -> None:
+    plain = [f"Passage number {i} is plain and long enough." for i in range(3)]
+    bad = MOJIBAKE.replace("know", f"kn{control}ow")
+    assert run(tmp_path, "pretrain", passages(*plain, bad), policy) == 1
+    err = errors(capsys)
+    assert err[0].startswith(f"{tmp_path / 'input.txt'}:4: not text: control character U+00")
+    assert f"U+{ord(control):04X}" in err[0] and len(err) == 2
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("policy", [STRICT, REPAIR])
+def test_a_bom_that_starts_a_later_line_is_refused_under_both_policies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    """What joined files leave: no repair may take it for a zero-width space."""
+    plain = [f"Passage number {i} is plain and long enough." for i in range(4)]
+    plain[2] = "\ufeff" + plain[2]
+    assert run(tmp_path, "pretrain", passages(*plain), policy) == 1
+    assert errors(capsys)[0] == (
+        f"{tmp_path / 'input.txt'}:3: not text: byte-order mark U+FEFF at column 1"
+        " (files joined together?); remove it"
+    )
+
+
+def test_a_c1_control_that_is_no_mojibake_is_refused_under_repair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ftfy would read U+0085 as the "…" of Windows-1252; it is NEXT LINE, a line break to
+    str.splitlines: refused, where mojibake's own C1 bytes are decoded (`â€\\x9d`, a quote)."""
+    quoted = "He said \u00e2\u20ac\u0153fine\u00e2\u20ac\x9d and left the passage."
+    nel = ["A NEL\x85 is no ellipsis here.", "Nor at the end, which strip() takes\x85"]
+    assert run(tmp_path, "pretrain", passages(quoted, *nel), REPAIR) == 1
+    assert errors(capsys)[:2] == [
+        f"{tmp_path / 'input.txt'}:2: not text: control character U+0085 at column 6",
+        f"{tmp_path / 'input.txt'}:3: not text: control character U+0085 at column 36",
+    ]
+    assert run(tmp_path, "pretrain", passages(quoted, "A plain passage, long enough."), REPAIR) == 0
+    assert (
+        read_passages(tmp_path / "out/data")[0] == "He said \u201cfine\u201d and left the passage."
+    )
+
+
+def test_repaired_jsonl_fields_are_what_the_splits_hold_and_what_duplicates_compare(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [dict(r) for r in GOOD]
+    records[3] = {"prompt": "Explain the caf\u00e9 topic.", "response": MOJIBAKE}
+    records[5] = {"prompt": "Explain \ufeffwarmup.", "response": "It ramps up.\u00ad"}
+    content = jsonl(records)  # json.dumps escapes the U+FEFF: the field decodes to it
+    assert b"\\ufeff" in content
+    assert run(tmp_path, "sft", content, REPAIR) == 0
+    out = tmp_path / "out"
+    split = read_jsonl(out / "data/train.jsonl") + read_jsonl(out / "data/eval.jsonl")
+    assert {"prompt": "Explain warmup.", "response": "It ramps up."} in split
+    assert {"prompt": "Explain the caf\u00e9 topic.", "response": MENDED} in split
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["repairs"] == {"mojibake": 1, "nfc": 0, "soft_hyphen": 1, "zero_width": 1}
+    # The same prompt in NFD is the same record once repaired: an exact duplicate.
+    records.append({**records[3], "prompt": "Explain the cafe\u0301 topic."})
+    assert run(tmp_path, "sft", jsonl(records), REPAIR) == 1
+    assert any(":4: exact duplicate of line(s) 13" in line for line in errors(capsys))
+    records[5] = GOOD[5]  # strict refuses its U+FEFF; it keeps NFD: two records
+    assert run(tmp_path, "sft", jsonl(records), STRICT) == 0
+
+
+def test_repaired_rag_answers_are_what_the_split_holds(tmp_path: Path) -> None:
+    passages_file = tmp_path / "passages.txt"
+    passages_file.write_text("\n".join(RAG_PASSAGES) + "\n", encoding="utf-8")
+    records = rag_questions(8)
+    records[2] = {"question": "Question number 2?", "answer": "In 2014.\u200b"}
+    extra = (f"--passages={passages_file}",)
+    assert run(tmp_path, "rag", jsonl(records), REPAIR, extra) == 0
+    out = tmp_path / "out"
+    split = read_jsonl(out / "data/train.jsonl") + read_jsonl(out / "data/eval.jsonl")
+    repaired = next(r for r in split if r["question"] == "Question number 2?")
+    assert repaired["answer"] == "In 2014." and repaired["gold"] == ["p2.0"]
+
+
+def test_zero_width_joiners_are_kept(tmp_path: Path) -> None:
+    plain = [f"Passage number {i} is plain and long enough." for i in range(3)]
+    assert run(tmp_path, "pretrain", passages(*plain, JOINERS), REPAIR) == 0
+    assert read_passages(tmp_path / "out/data")[3] == JOINERS
+    assert "repairs" not in json.loads((tmp_path / "out/metrics.json").read_text())
+
+
+def test_an_unknown_text_policy_is_refused_by_the_params_loader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(tmp_path, "pretrain", passages(MOJIBAKE), "validate: {text: fix}\n") == 1
+    assert "validate.text must be repair|strict, got 'fix'" in capsys.readouterr().err
+
+
+# What repairs meet, and what may bring pieces of mojibake together: mojibake of quotes and
+# letters (with the C1 bytes and soft hyphen that Windows-1252 reading leaves), zero-width
+# characters and joiners, combining marks, letters that look like mojibake on their own.
+PIECES = [*"aeÃÂâ€™œ\x9d\x8d\u00ad\u200b\u200c\u200d\u2060\ufeff\u0301\u0308 ©®»¿ïé", "â€™"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.lists(st.sampled_from(PIECES)).map("".join)))
+def test_repaired_text_is_nfc_without_what_repair_removes_and_stays_as_it_is(text: str) -> None:
+    repaired, kinds = repair(text)
+    assert unicodedata.is_normalized("NFC", repaired)
+    assert not set(repaired) & set("\u200b\u2060\ufeff\u00ad")
+    assert set(text) & set("\u200c\u200d") <= set(repaired)  # the joiners are kept
+    assert kinds or repaired == text  # no change goes uncounted
+    assert repair(repaired) == (repaired, ())

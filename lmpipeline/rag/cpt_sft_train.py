@@ -56,7 +56,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from lmpipeline.chat import load_chat_tokenizer
 from lmpipeline.data import file_digest
 from lmpipeline.metrics import gold_ranks, retrieval_scores
-from lmpipeline.models import load_model, load_tokenizer, quietly, resolve_model
+from lmpipeline.models import load_model, load_tokenizer, quietly, resolve_model, save_pretrained
 from lmpipeline.params import Params
 from lmpipeline.rag.backend import Training, make_trainer, phase
 from lmpipeline.rag.cpt_sft import (
@@ -524,8 +524,7 @@ class CptSftBackend:
             ranked = self.fuse(self.rankings(tuned, stated.questions), choice.kind, choice.weight)
             self.train_and_decide_reranker(fit_ranked, ranked)
         output.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output / RETRIEVER_DIR)
-        self.tokenizer.save_pretrained(output / RETRIEVER_DIR)
+        save_pretrained(output / RETRIEVER_DIR, model, self.tokenizer)
         faiss.write_index(self.index, str(output / INDEX_FILE))
         bm25.save(str(output / BM25_DIR), show_progress=False)
         write_entries(output, self.kb.entries)
@@ -544,8 +543,7 @@ class CptSftBackend:
         )
         if self.rerank_used and self.reranker is not None:
             reranker, tokenizer = self.reranker
-            reranker.save_pretrained(output / RERANKER_DIR)
-            tokenizer.save_pretrained(output / RERANKER_DIR)
+            save_pretrained(output / RERANKER_DIR, reranker, tokenizer)
             config = replace(
                 config,
                 reranker=RERANKER_DIR,
@@ -630,8 +628,7 @@ class CptSftBackend:
         # files the loaded model may still map.
         staged = output / f"{GENERATOR_DIR}.new"
         shutil.rmtree(staged, ignore_errors=True)
-        generator.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
+        save_pretrained(staged, generator, tokenizer)
         shutil.rmtree(output / GENERATOR_DIR, ignore_errors=True)
         staged.rename(output / GENERATOR_DIR)
         config.write(output)

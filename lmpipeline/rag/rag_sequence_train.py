@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel, RagSequenceForGeneration, RagTokenizer
 
 from lmpipeline.errors import SetupError
+from lmpipeline.models import save_pretrained
 from lmpipeline.params import RagParams
 from lmpipeline.rag.backend import Training
 from lmpipeline.rag.index import build_index, lexical_ranks, search
@@ -150,8 +151,7 @@ class RagSequenceBackend:
     def save(self, model: PreTrainedModel, output: Path, bm25: bm25s.BM25) -> int:
         """The model and its tokenizers beside the index and entries saved by `load_model`."""
         assert self.index is not None
-        model.save_pretrained(output / MODEL_DIR)
-        self._tokenizer().save_pretrained(output / MODEL_DIR)
+        save_pretrained(output / MODEL_DIR, model, self._tokenizer())
         cfg = self.cfg
         SystemConfig(
             generator=None,

@@ -27,14 +27,21 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from lmpipeline.chat import encode_turns, load_causal_lm, load_chat_tokenizer, prompt_text
+from lmpipeline.chat import (
+    TemplateError,
+    encode_turns,
+    load_causal_lm,
+    load_chat_tokenizer,
+    prompt_ids,
+    prompt_text,
+)
+from lmpipeline.conversations import Message
 from lmpipeline.data import visible
 from lmpipeline.errors import StageError
 from lmpipeline.rag import cpt_sft, rag_sequence
 from lmpipeline.rag.system import Hit, System, check_question
 
 MODELS = ("rag", "sft")  # with the passages it retrieves; closed-book
-Message = dict[str, str]  # {"role": ..., "content": ...}, as chat templates read them
 
 
 class RequestError(Exception):
@@ -320,11 +327,12 @@ class CptSftEngine(Engine):
         )
 
     def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """The conversation's token ids exactly as SFT trained on them (`chat.prompt_ids`)."""
         _, tokenizer = self.sft
-        rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return encode_turns(tokenizer, rendered, [m["content"] for m in messages])
+        try:
+            return prompt_ids(tokenizer, messages)
+        except TemplateError as err:
+            raise RequestError(str(err), "messages") from None
 
     def reader_prompt(self, question: str, passages: list[Hit], max_tokens: int) -> list[int]:
         """The system's prompt with passages, shortened to leave `max_tokens` for the answer
