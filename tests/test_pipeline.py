@@ -212,12 +212,14 @@ def test_rerun_from_scratch_gives_byte_identical_metrics_and_outputs(repo: Path)
         # Training params: not tokenization, nor cpt_lm, which SFT starts from.
         ("sft.lr=3e-5", {"sft", "rag"}),
         pytest.param("cpt_lm.lr=3e-5", {"cpt_lm", "sft", "rag"}, marks=pytest.mark.slow),
-        ("cpt.mlm_probability=0.2", {"cpt", "rag"}),
+        pytest.param("cpt.mlm_probability=0.2", {"cpt", "rag"}, marks=pytest.mark.slow),
         pytest.param(  # what tokens are: tokenized again
             "sft.max_length=48", {"tokenize_sft", "sft", "rag"}, marks=pytest.mark.slow
         ),
-        ("rag.top_k=2", {"rag"}),
-        ("rag.chunk_words=50", {"validate_rag", "rag"}),  # new chunks, new golds
+        pytest.param("rag.top_k=2", {"rag"}, marks=pytest.mark.slow),
+        pytest.param(  # new chunks, new golds
+            "rag.chunk_words=50", {"validate_rag", "rag"}, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_exp_run_reruns_only_the_stages_a_param_reaches(
@@ -256,6 +258,7 @@ def test_rag_sequence_backend_is_an_experiment_of_the_rag_stage_only(
         restore(repo)
 
 
+@pytest.mark.slow
 def test_make_repro_with_the_rag_sequence_backend_ends_with_the_summary(
     repo: Path, tiny_rag_dir: Path, tiny_dpr_ctx_dir: Path
 ) -> None:
@@ -291,6 +294,7 @@ def test_make_repro_with_the_rag_sequence_backend_ends_with_the_summary(
         restore(repo)
 
 
+@pytest.mark.slow
 def test_diffs_and_exp_show_name_what_an_experiment_changed(repo: Path) -> None:
     baseline(repo)
     try:
@@ -308,6 +312,7 @@ def test_diffs_and_exp_show_name_what_an_experiment_changed(repo: Path) -> None:
         restore(repo)
 
 
+@pytest.mark.slow
 def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> None:
     baseline(repo)
     with (repo / "data/sft.jsonl").open("a", encoding="utf-8") as f:
@@ -324,6 +329,7 @@ def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> 
         restore(repo)
 
 
+@pytest.mark.slow
 def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
     baseline(repo)
     # Long enough to add packed blocks: the adapted generator changes, so SFT reruns from it.
@@ -351,8 +357,17 @@ def test_editing_pretrain_data_reruns_what_reads_the_corpus(repo: Path) -> None:
     [
         ("sft.lrr=1", "sft.lrr"),  # DVC itself refuses a key params.yaml does not have
         ("+sft.lrr=1", "sft: params.yaml: unknown key 'sft.lrr'"),
-        ("sft.batch_size=abc", "sft: params.yaml: sft.batch_size must be int"),
-        ("sft.lr=-1", "sft: params.yaml: sft.lr must be a number in [0, 10], got -1.0"),
+        # test_params checks each kind of mistake in the loader; these two run with the slow tests
+        pytest.param(
+            "sft.batch_size=abc",
+            "sft: params.yaml: sft.batch_size must be int",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "sft.lr=-1",
+            "sft: params.yaml: sft.lr must be a number in [0, 10], got -1.0",
+            marks=pytest.mark.slow,
+        ),
         ("rag.eval_fraction=1", "validate_rag: params.yaml: rag.eval_fraction must be in (0, 1)"),
         (
             "cpt.mlm_probability=1.5",
