@@ -28,7 +28,14 @@ from lmpipeline.data import eval_mask
 from lmpipeline.models import ModelSource
 from lmpipeline.params import CptParams
 from lmpipeline.tokens import TokenRows
-from lmpipeline.training import EpochSampler, LossParts, StageTrainer, budget_of, held_out_scores
+from lmpipeline.training import (
+    EpochSampler,
+    LossParts,
+    StageTrainer,
+    WarmupOnly,
+    budget_of,
+    held_out_scores,
+)
 
 # --- data --------------------------------------------------------------------------------------
 
@@ -215,7 +222,8 @@ def make_trainer(
     fresh: set[str],
 ) -> StageTrainer:
     """The CPT trainer: blocks masked afresh each epoch, the head the checkpoint lacked at
-    `head_lr`, the fixed held-out batches as eval."""
+    `head_lr` and alone for the first `head_warmup_steps`, the fixed held-out batches as eval."""
+    warmup = cfg.head_warmup_steps if fresh else 0  # a pretrained head needs none
     return StageTrainer(
         model=model,
         args=args,
@@ -226,4 +234,5 @@ def make_trainer(
         eval_fn=lambda m: evaluate(m, eval_batches),
         sampler=EpochKeys(len(train), args.seed),
         budget=budget_of(cfg, shifted=False),
+        warmup_only=WarmupOnly(warmup, frozenset(fresh)) if warmup else None,
     )

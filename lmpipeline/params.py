@@ -46,6 +46,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "grad_accum": (1, 1_000_000),
     "lr": (0, 10),
     "head_lr": (0, 10),
+    "head_warmup_steps": (0, 10**9),
     "epochs": (0, 1_000_000),
     "max_steps": (0, 10**9),
     "warmup_ratio": (0, 1),
@@ -264,6 +265,9 @@ class CptParams(BudgetedParams):
     head_lr: float = 1e-2
     """Learning rate of the head layers the checkpoint lacks (the bundled encoder's MLM head);
     0 = lr."""
+    head_warmup_steps: int = 0
+    """First optimizer steps that train only the head layers the checkpoint lacks, the encoder
+    frozen (LP-FT); none when the checkpoint has its head. Counted in epochs/max_steps."""
     epochs: float = 3.0
 
     def __post_init__(self) -> None:
@@ -462,8 +466,9 @@ class RagParams:
     faq: bool = False
     """Add each *train* question with its answer as an entry (FAQ style); held-out ones never."""
     start_encoder: str = "auto"
-    """cpt-sft: where the retriever's fine-tuning starts: auto = the CPT encoder, unless the base
-    encoder (cpt.model) ranks the train questions' gold chunks better (MRR) | cpt | base."""
+    """cpt-sft: where the retriever's fine-tuning starts: auto = the CPT encoder where, fine-tuned
+    on half the fit questions, it ranks the other half's gold chunks better (MRR) than the base
+    encoder (cpt.model) fine-tuned the same way; else the base | cpt | base."""
     max_length: int = 256
     """Encoder tokens per question or entry; longer ones are truncated."""
     retriever: str = "auto"

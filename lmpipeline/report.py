@@ -30,10 +30,14 @@ def validate_rows(metrics: Path) -> list[Row]:
 
 def cpt_rows(m: dict[str, Any]) -> list[Row]:
     base, final = m["base"], m["final"]
-    return [
+    rows = [
         ("cpt", "held-out MLM loss", change(base["eval_loss"], final["eval_loss"])),
         ("cpt", "mask accuracy", change(base["mask_accuracy"], final["mask_accuracy"])),
     ]
+    if "train_question_mrr" in final:
+        mrr = change(base["train_question_mrr"], final["train_question_mrr"])
+        rows.append(("cpt", "train-question MRR, as is", mrr))
+    return rows
 
 
 def cpt_lm_rows(m: dict[str, Any]) -> list[Row]:
@@ -60,6 +64,23 @@ def used_retriever(m: dict[str, Any]) -> str:
     return used + (" + reranker" if m.get("rerank", {}).get("used") else "")
 
 
+def start_rows(m: dict[str, Any]) -> list[Row]:
+    """Which encoder the retriever was fine-tuned from, in words where CPT's went unused."""
+    start = m.get("start")
+    if start is None:  # rag-sequence: no CPT encoder involved
+        return []
+    after = start.get("fine_tuned_mrr")
+    why = (
+        f"fine-tuned, MRR on held-apart train questions: cpt {after['cpt']:.3f},"
+        f" base {after['base']:.3f}"
+        if after
+        else f"rag.start_encoder: {start['encoder']}"
+    )
+    if start["encoder"] == "cpt":
+        return [("rag", "retriever start", f"the CPT encoder ({why})")]
+    return [("rag", "retriever start", f"the base encoder: CPT's output was not used ({why})")]
+
+
 def rag_rows(m: dict[str, Any]) -> list[Row]:
     retrieval, answers, questions = m["retrieval"], m["answers"], m["questions"]
     recall = ", ".join(f"{name} {s['recall@5']:.3f}" for name, s in retrieval.items())
@@ -70,6 +91,7 @@ def rag_rows(m: dict[str, Any]) -> list[Row]:
             "held-out questions",
             f"{questions['held_out']} ({questions['not_in_corpus']} not in corpus)",
         ),
+        *start_rows(m),
         ("rag", "retriever used", used_retriever(m)),
         ("rag", "recall@5", recall),
         ("rag", "MRR, nDCG@10 (used)", f"{system['mrr']:.3f}, {system['ndcg@10']:.3f}"),

@@ -145,6 +145,26 @@ def within_budget(
     return [chunk for batch in batches for chunk in budget.split(batch)] if budget else batches
 
 
+@dataclass(frozen=True)
+class WarmupOnly:
+    """The first `steps` optimizer steps move only the parameters named in `trained` (a new head:
+    its random gradients would otherwise flow into the pretrained weights, LP-FT's "feature
+    distortion", Kumar et al. 2022); every parameter trains after.
+
+    The frozen ones lose their gradients after each backward: AdamW skips a parameter without
+    one (no update, no decay, no moment), gradient clipping measures only what trains, and
+    DDP's and FSDP's hooks, which fire in backward, see the same graph as in any other step.
+    """
+
+    steps: int
+    trained: frozenset[str]
+
+    def drop_frozen_grads(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name not in self.trained:
+                param.grad = None
+
+
 class StageTrainer(Trainer):
     """Trainer with the stage's loss, evaluation and sampler, counting tokens and step time."""
 
@@ -156,12 +176,14 @@ class StageTrainer(Trainer):
         sampler: EpochSampler,
         param_groups: ParamGroups | None = None,
         budget: TokenBudget | None = None,
+        warmup_only: WarmupOnly | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn, self.eval_fn, self.sampler = loss_fn, eval_fn, sampler
         self.param_groups = param_groups
         self.budget = budget
+        self.warmup_only = warmup_only
         self.denominator: int | None = None  # set while the chunks of one micro-batch train
         if self.is_fsdp_enabled:
             shard(self.model, self.accelerator.state.fsdp_plugin.mixed_precision_policy)
@@ -191,8 +213,16 @@ class StageTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-        """One micro-batch; above the token budget, its row chunks one after the other, each
-        loss divided by the count of the whole micro-batch, so that the gradients add up to the
+        """One micro-batch (`micro_batch_step`), then, during a `WarmupOnly`, no gradient for the
+        parameters it keeps frozen."""
+        loss = self.micro_batch_step(model, inputs, num_items_in_batch)
+        if self.warmup_only and self.state.global_step < self.warmup_only.steps:
+            self.warmup_only.drop_frozen_grads(self.model)
+        return loss
+
+    def micro_batch_step(self, model, inputs, num_items_in_batch):  # type: ignore[no-untyped-def]
+        """Above the token budget, the micro-batch's row chunks one after the other, each loss
+        divided by the count of the whole micro-batch, so that the gradients add up to the
         unsplit micro-batch's and the optimizer step is the same."""
         chunks = self.budget.split(inputs) if self.budget else [inputs]
         if len(chunks) == 1:

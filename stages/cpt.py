@@ -1,10 +1,13 @@
 """Stage `cpt`: continued masked-LM pre-training of the encoder on the domain text.
 
-    python -m stages.cpt --tokens output/tokens/cpt --output output/cpt \
+    python -m stages.cpt --tokens output/tokens/cpt --passages output/data/pretrain.txt \
+        --questions output/data/rag/train.jsonl --output output/cpt \
         --metrics metrics/cpt.json --plots metrics/cpt
 
 The blocks come from `tokenize_cpt` (memory-mapped); masking and the loss are in
-`lmpipeline.cpt`; the Trainer, resume and timings in `lmpipeline.training`.
+`lmpipeline.cpt`; the Trainer, resume and timings in `lmpipeline.training`. Beside the
+masked-LM figures, the encoder's ranking of the train questions' gold chunks before and after
+(`train_question_mrr`, `lmpipeline.rag.probe`) shows whether CPT kept what a retriever needs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import set_seed
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lmpipeline import launch
 from lmpipeline.cpt import (
@@ -25,8 +29,10 @@ from lmpipeline.cpt import (
     make_trainer,
     split_blocks,
 )
+from lmpipeline.data import read_jsonl, read_passages
 from lmpipeline.models import check_positions, load_tokenizer, resolve_model, save_pretrained
 from lmpipeline.params import Params
+from lmpipeline.rag.probe import RankingProbe
 from lmpipeline.runtime import is_main_process, precision, resolve_device
 from lmpipeline.stage import INPUT, StageResult, TrainingPaths
 from lmpipeline.tokens import TokenRows
@@ -48,8 +54,25 @@ class CptPaths(TrainingPaths):
     stage: ClassVar[str] = "cpt"
     tokens: Path = field(metadata=INPUT)
     """The passages' token blocks (output of tokenize_cpt)."""
+    passages: Path = field(metadata=INPUT)
+    """The validated passages, one per line (the knowledge base the encoder is probed on)."""
+    questions: Path = field(metadata=INPUT)
+    """The validated train questions, with their gold chunks (never the held-out ones)."""
     output: Path
     """Where the encoder goes (a Hugging Face directory)."""
+
+
+def scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_batches: list[dict[str, torch.Tensor]],
+    probe: RankingProbe,
+) -> dict[str, float]:
+    """The held-out masked-LM figures, and how the encoder ranks the train questions' golds."""
+    return {
+        **evaluate(model, eval_batches),
+        "train_question_mrr": probe.mrr(model.base_model, tokenizer),
+    }
 
 
 def run(params: Params, paths: CptPaths) -> StageResult | None:
@@ -77,7 +100,10 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
         f" of {cfg.max_length} tokens on {device} ({mode or 'fp32'})"
     )
     if is_main_process():
-        base = evaluate(model, eval_batches)
+        probe = RankingProbe.of(
+            read_passages(paths.passages), read_jsonl(paths.questions), paths.questions, params.rag
+        )
+        base = scores(model, tokenizer, eval_batches, probe)
         print(describe("cpt", "base", base))
 
     config = (asdict(cfg), seed, params.device, params.fp16, params.launch.strategy)
@@ -88,7 +114,7 @@ def run(params: Params, paths: CptPaths) -> StageResult | None:
     if not is_main_process():
         return None
 
-    final = evaluate(model, eval_batches)
+    final = scores(model, tokenizer, eval_batches, probe)
     print(describe("cpt", "final", final))
     save_pretrained(paths.output, model, tokenizer)
     write_curves(trainer.state.log_history, paths.plots)

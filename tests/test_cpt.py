@@ -15,6 +15,7 @@ from transformers import (
     RobertaConfig,
     RobertaForMaskedLM,
     pipeline,
+    set_seed,
 )
 
 from lmpipeline import cpt, tokens
@@ -24,6 +25,7 @@ from lmpipeline.testing import CORPUS, wordpiece_tokenizer
 from stages import cpt as cpt_stage
 from tests.helpers import crash_at_step, tokenized
 
+ROOT = Path(__file__).resolve().parents[1]
 MASK_ID, VOCAB = 4, 1000
 SPECIALS = (0, 1, 2, 3, 4)
 
@@ -145,6 +147,12 @@ def write_project(tmp_path: Path, model_dir: Path, **overrides: object) -> Path:
     cfg.update(overrides)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 5, "cpt": cfg}))
     (tmp_path / "pretrain.txt").write_text("\n".join(CORPUS * 12) + "\n")
+    # A train question for each of the first lines, its gold the line's one chunk.
+    questions = [
+        {"question": f"what does line {n} say", "answer": line, "gold": [f"p{n}.0"]}
+        for n, line in enumerate(CORPUS, start=1)
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     return tmp_path
 
 
@@ -154,6 +162,8 @@ def run_stage(tmp_path: Path, out: str = "out") -> int:
     return cpt_stage.main(
         [
             f"--tokens={tokens}",
+            f"--passages={tmp_path / 'pretrain.txt'}",
+            f"--questions={tmp_path / 'train.jsonl'}",
             f"--output={tmp_path / out}",
             f"--metrics={tmp_path / out}.json",
             f"--plots={tmp_path / out}-plots",
@@ -168,11 +178,11 @@ def test_stage_end_to_end_on_a_tiny_bert(
     monkeypatch.chdir(tmp_path)
     assert run_stage(write_project(tmp_path, tiny_bert_dir)) == 0
     metrics = json.loads((tmp_path / "out.json").read_text())
-    assert {k: set(v) for k, v in metrics.items()} == {
-        "base": {"eval_loss", "perplexity", "mask_accuracy"},
-        "final": {"eval_loss", "perplexity", "mask_accuracy"},
-    }
+    figures = {"eval_loss", "perplexity", "mask_accuracy", "train_question_mrr"}
+    assert {k: set(v) for k, v in metrics.items()} == {"base": figures, "final": figures}
     assert metrics["final"]["perplexity"] < metrics["base"]["perplexity"]
+    # Three questions, each with one gold among the corpus's 36 chunks (lines repeat).
+    assert all(1 / 36 <= metrics[k]["train_question_mrr"] <= 1 for k in metrics)
     speed = json.loads((tmp_path / "output/timings/cpt.json").read_text())["train"]
     assert set(speed) == {"steps", "tokens", "runtime_s", "tokens_per_s", "mfu", "peak"}
     assert speed["tokens"] > 0 and 0 < speed["mfu"] < 1
@@ -253,6 +263,37 @@ def test_head_lr_applies_only_to_layers_the_checkpoint_lacked(
     assert fast == {id(p) for name, p in model.named_parameters() if name in fresh}
 
 
+def encoder_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder's weights, without a pooler (no MLM checkpoint has one)."""
+    return AutoModel.from_pretrained(path, add_pooling_layer=False).state_dict()
+
+
+def test_head_warmup_moves_only_the_new_head_then_the_encoder_too(
+    tmp_path: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    headless = tmp_path / "headless"  # an encoder without its MLM head, as the bundled MiniLM
+    AutoModel.from_pretrained(tiny_bert_dir).save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(headless)
+    start = encoder_weights(headless)
+
+    def trained(steps: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+        write_project(tmp_path, headless, max_steps=steps, head_warmup_steps=3)
+        assert run_stage(tmp_path, f"out{steps}") == 0
+        metrics = json.loads((tmp_path / f"out{steps}.json").read_text())
+        return encoder_weights(tmp_path / f"out{steps}"), metrics
+
+    set_seed(5)  # as the stage draws the new head
+    new_head = cpt.load_mlm(resolve_model(str(headless)))[0].cls.state_dict()
+    encoder, metrics = trained(3)  # the warm-up only
+    assert [k for k in start if not torch.equal(encoder[k], start[k])] == []
+    head = AutoModelForMaskedLM.from_pretrained(tmp_path / "out3").cls.state_dict()
+    assert all(not torch.equal(head[k], new_head[k]) for k in new_head if "decoder" not in k)
+    assert metrics["final"]["train_question_mrr"] == metrics["base"]["train_question_mrr"]
+    encoder, _ = trained(5)  # two joint steps after it
+    assert not all(torch.equal(encoder[k], start[k]) for k in start)
+
+
 def test_blocks_longer_than_the_models_positions_are_refused(
     tmp_path: Path,
     tiny_bert_dir: Path,
@@ -263,3 +304,12 @@ def test_blocks_longer_than_the_models_positions_are_refused(
     assert run_stage(write_project(tmp_path, tiny_bert_dir, max_length=128)) == 1
     assert "cpt.max_length 128 exceeds the model's 64 positions" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_stage_reads_train_questions_only() -> None:
+    """The encoder is probed on the train questions: no held-out one reaches a CPT figure."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["cpt"]
+    questions = [d for d in stage["deps"] if d.startswith("output/data/rag")]
+    assert questions == ["output/data/rag/train.jsonl"]
+    assert "--questions output/data/rag/train.jsonl" in stage["cmd"]
+    assert "eval" not in stage["cmd"]

@@ -74,6 +74,7 @@ LAYERS = [
         "rag.lexical",
         "rag.knowledge",
         "rag.index",
+        "rag.probe",
         "rag.system",
         "rag.refusal",
         "rag.rerank",

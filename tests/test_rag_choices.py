@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, decisions, refusal
+from lmpipeline.rag.cpt_sft_train import CptSftBackend as Backend
 from lmpipeline.rag.index import hybrid
 from lmpipeline.rag.knowledge import Questions
 from lmpipeline.rag.lexical import bm25_search, build_bm25
@@ -214,9 +215,13 @@ def test_no_held_out_record_reaches_the_reader_the_reranker_or_any_choice(
         assert MARKER not in text, f"a held-out question reached the {what}"
         assert RAG_RECORDS[-1]["answer"] not in text, f"a held-out answer reached the {what}"
     # Cross-fitting: the final retriever trains on the fit questions, each fold retriever on
-    # one half of them, the halves apart (each ranks the half it never saw).
-    final, *folds = [{p.question for p in args[1].train} for args, _ in seen["make_trainer"]]
-    assert len(folds) == 2 and not folds[0] & folds[1] and folds[0] | folds[1] == final
+    # one half of them, the halves apart (each ranks the half it never saw). Fold 1 trained
+    # from each candidate start (the start is chosen by how they rank the other half); the
+    # chosen start's is reused, so fold 2 is the last retriever trained.
+    trained = [{p.question for p in args[1].train} for args, _ in seen["make_trainer"]]
+    first_cpt, first_base, final, second = trained
+    assert first_cpt == first_base and not first_cpt & second
+    assert first_cpt | second == final
     # The calibration questions are train questions, and the threshold was decided there.
     calibration = seen["calibrate_refusal"][0][0][0]
     train = [json.loads(line)["question"] for line in (root / "data/train.jsonl").open()]
@@ -231,6 +236,51 @@ def test_no_held_out_record_reaches_the_reader_the_reranker_or_any_choice(
     assert counts["fit"] > counts["calibration"] >= 1
     assert len(golds) == counts["fit"] + counts["calibration"] == len(rank("hybrid", 0.5))
     assert all(golds) and len(golds) <= len(train)
+
+
+def test_the_start_is_the_candidate_that_ranks_best_once_fine_tuned(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planted rankings: the CPT encoder ranks every gold last as it is and first once
+    fine-tuned on half the fit questions; the base encoder the other way round. The start is
+    the CPT encoder, chosen on the fit half the fold retrievers never saw."""
+    labels: dict[int, str] = {}
+    embed_entries, dense_ranks = Backend.embed_entries, Backend.dense_ranks
+    good = {"base": True, "cpt": False, "fold 1 from cpt": True, "fold 1 from base": False}
+    ranked_for_choice: list[str] = []
+
+    def labelled(self: Backend, model: Any, tokenizer: Any, label: str) -> Any:
+        encoder = embed_entries(self, model, tokenizer, label)
+        labels[id(encoder)] = label
+        return encoder
+
+    def planted(self: Backend, encoder: Any, questions: Any, depth: int | None = None) -> Any:
+        ranked = dense_ranks(self, encoder, questions, depth)
+        label = labels.get(id(encoder), "")
+        if label not in good:
+            return ranked
+        if label.startswith("fold"):
+            ranked_for_choice.extend(questions)
+        golds = dict(zip(self.all_train.questions, self.all_train.golds, strict=True))
+        for row, question in enumerate(questions):
+            if question not in golds:  # held-out questions, ranked to be scored: as they are
+                continue
+            gold = golds[question]
+            rest = [e for e in range(len(self.kb.entries)) if e not in gold]
+            order = gold + rest if good[label] else rest + gold
+            ranked[row] = order[: ranked.shape[1]]
+        return ranked
+
+    monkeypatch.setattr(Backend, "embed_entries", labelled)
+    monkeypatch.setattr(Backend, "dense_ranks", planted)
+    params = {"cpt": {"model": str(tiny_bert_dir)}, "rag": tiny_rag()}
+    assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir) == 0
+    start = json.loads((tmp_path / "metrics/rag.json").read_text())["start"]
+    assert start["train_mrr"]["cpt"] < start["train_mrr"]["base"]  # as they are: base
+    assert start["fine_tuned_mrr"] == {"cpt": 1.0, "base": start["fine_tuned_mrr"]["base"]}
+    assert start["fine_tuned_mrr"]["base"] < 1.0 and start["encoder"] == "cpt"
+    train = {json.loads(line)["question"] for line in (tmp_path / "data/train.jsonl").open()}
+    assert ranked_for_choice and set(ranked_for_choice) <= train  # no held-out question
 
 
 def test_the_reranker_orders_passages_by_the_cross_encoders_scores(

@@ -287,7 +287,7 @@ def test_a_missing_or_unreadable_input_is_one_line(
 @pytest.mark.parametrize(
     ("stage", "args", "missing"),
     [
-        (cpt_stage, "--tokens none --output o", "--tokens"),
+        (cpt_stage, "--tokens none --passages none --questions none --output o", "--tokens"),
         (sft_stage, "--base none --tokens none --data none --output o --samples s.md", "--base"),
         (
             rag_stage,
