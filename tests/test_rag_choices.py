@@ -238,6 +238,7 @@ def test_no_held_out_record_reaches_the_reader_the_reranker_or_any_choice(
     assert all(golds) and len(golds) <= len(train)
 
 
+@pytest.mark.slow  # trains four tiny retrievers (13 s): CI runs it with the slow tests
 def test_the_start_is_the_candidate_that_ranks_best_once_fine_tuned(
     tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
