@@ -8,7 +8,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,9 @@ LAUNCHED = "LOCAL_RANK" in os.environ
 WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
+T = TypeVar("T")
+
+
 def under_launcher() -> bool:
     """True inside a process that torchrun (or accelerate launch) started."""
     return LAUNCHED
@@ -36,6 +39,16 @@ def under_launcher() -> bool:
 def is_main_process() -> bool:
     """True in rank 0 of a distributed run (which alone scores and writes), or in a lone run."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def from_rank_zero(value: T) -> T:
+    """Rank 0's `value` on every rank of a live process group (the value itself otherwise):
+    a choice only rank 0 can compute, which every rank must then follow."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def end_distributed() -> None:

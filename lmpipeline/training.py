@@ -448,7 +448,7 @@ def last_complete_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
+def train_resumable(trainer: StageTrainer, stage: str, keep_group: bool = False) -> torch.nn.Module:
     """Train, resuming from the last complete checkpoint of this configuration. Returns the
     trained model, whole on rank 0 (see `trained_model`). The checkpoints stay until the stage
     has written every output (`stage.execute` removes them): a crash while scoring or saving
@@ -462,7 +462,8 @@ def train_resumable(trainer: StageTrainer, stage: str) -> torch.nn.Module:
     trainer.accelerator.wait_for_everyone()  # no process may still be writing a checkpoint
     model = trained_model(trainer)
     release(trainer)
-    end_distributed()  # what follows (scoring, writing) is rank 0's alone
+    if not keep_group:  # a training whose result every rank still needs keeps it
+        end_distributed()  # what follows (scoring, writing) is rank 0's alone
     return model
 
 

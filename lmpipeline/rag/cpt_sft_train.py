@@ -92,7 +92,7 @@ from lmpipeline.rag.reader import GENERATOR_DIR, reader_records, teach_reader
 from lmpipeline.rag.rerank import RERANKER_DIR, rerank_rows
 from lmpipeline.rag.rerank_train import groups, train_reranker
 from lmpipeline.rag.system import ABSENT_ANSWER, INDEX_FILE, Hit, System, SystemConfig
-from lmpipeline.runtime import WEIGHTS
+from lmpipeline.runtime import WEIGHTS, from_rank_zero, is_main_process
 from lmpipeline.training import LossParts, checkpoint_dir, throughput, train_resumable
 
 # 1 / temperature 0.05, sentence-transformers' default for in-batch-negative training.
@@ -324,7 +324,11 @@ class CptSftBackend:
         for name in ("cpt", "base"):
             self.start = name
             self.negatives = self.mined_negatives()
-            model, speed = self.fold_retriever(trained, 1)
+            # Every rank of a distributed run trains it (the retriever's training follows,
+            # on every rank, from the start chosen here); rank 0 alone ranks and chooses.
+            model, speed = self.fold_retriever(trained, 1, keep_group=True)
+            if not is_main_process():
+                continue
             encoder = self.embed_entries(model, self.tokenizer, f"fold 1 from {name}")
             dense = self.rankings(encoder, ranked.questions).dense
             self.first_fold[name] = (dense, speed)
@@ -333,7 +337,8 @@ class CptSftBackend:
             self.after_mrr[name] = retrieval_scores(scores)["mrr"]
             del model, encoder
             gc.collect()
-        return "cpt" if self.after_mrr["cpt"] > self.after_mrr["base"] else "base"
+        wins = is_main_process() and self.after_mrr["cpt"] > self.after_mrr["base"]
+        return from_rank_zero("cpt" if wins else "base")
 
     def load_base(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         source = resolve_model(self.params.cpt.model)
@@ -471,7 +476,9 @@ class CptSftBackend:
         self.timings["folds"] = speeds
         return Rankings(dense, bm25_search(self.kb.bm25, fit.questions, depth)[1])
 
-    def fold_retriever(self, stated: Questions, n: int) -> tuple[PreTrainedModel, Any]:
+    def fold_retriever(
+        self, stated: Questions, n: int, keep_group: bool = False
+    ) -> tuple[PreTrainedModel, Any]:
         """A retriever trained as the final one is, on `stated` (half the fit questions)."""
         model = self.load_start()
         train = self.fit_pairs(stated)
@@ -486,7 +493,7 @@ class CptSftBackend:
         trainer = make_trainer(
             model, training, cfg, seed, self.device, self.mode, checkpoints, self.params.launch
         )
-        model = train_resumable(trainer, f"rag: fold {n}")
+        model = train_resumable(trainer, f"rag: fold {n}", keep_group)
         speed = throughput(f"rag: fold {n}", trainer, self.flops_per_token(model), self.device)
         return model, speed
 
