@@ -26,11 +26,14 @@ serve: setup
 	python -m lmpipeline.serve --port $(PORT)
 
 # Everything but the checks marked slow (under 10 minutes on 2 cores); CI runs both targets.
+# One pytest-xdist worker per core, a test file per worker (its module fixtures built once); each
+# worker computes on one thread (tests/conftest.py).
+PYTEST := pytest -n logical --dist loadfile
 test: setup
-	pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: setup
-	pytest -m slow
+	$(PYTEST) -m slow
 
 # The fast tests with each direct dependency at the lowest version pyproject.toml allows
 # (scripts/lowest.sh). Deprecation warnings stay warnings here: old releases warn about what
@@ -38,7 +41,7 @@ test-slow: setup
 LOWEST ?= .venv-lowest
 test-lowest:
 	bash scripts/lowest.sh $(LOWEST)
-	PATH="$(abspath $(LOWEST))/bin:$$PATH" pytest -m "not slow" \
+	PATH="$(abspath $(LOWEST))/bin:$$PATH" $(PYTEST) -m "not slow" \
 		-W default::DeprecationWarning -W default::FutureWarning
 
 lint: setup

@@ -8,6 +8,11 @@ import os
 # Tests never reach a hub (the one test of the download path points it at a closed local port).
 # Set before huggingface_hub is imported: it reads the variable once.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (`make test`: a worker per core) each worker, and what it launches, computes
+# on one thread: the workers' torch threads would otherwise oversubscribe the cores. Set before
+# torch is imported, which reads it once.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path
 
