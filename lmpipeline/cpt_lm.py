@@ -5,35 +5,20 @@ Passages are tokenized, each followed by the end-of-text token, concatenated and
 of `cpt_lm.max_length` tokens once, by the `tokenize_cpt_lm` stage (`lmpipeline.tokens`): no
 padding, the loss on every token (the transformers examples' `run_clm` packing; attention crosses
 passage boundaries, as there). A seeded share of the blocks
-is held out, and their perplexity is measured before and after training on exactly the same
-tokens. The result is a plain Hugging Face causal LM that the `sft` stage starts from.
+is held out (`lmpipeline.mixing`, which also mixes replayed SFT conversations and reading chats
+into the training blocks), and their perplexity is measured before and after training on
+exactly the same tokens. The result is a plain Hugging Face causal LM that the `sft` stage
+starts from.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, TrainingArguments
 
-from lmpipeline.data import eval_mask
-from lmpipeline.errors import StageError
-from lmpipeline.params import CptLmParams
 from lmpipeline.sft import causal_loss
 from lmpipeline.tokens import TokenRows
 from lmpipeline.training import EpochSampler, StageTrainer, TokenBudget, held_out_scores, score
-
-
-def split_blocks(blocks: TokenRows, cfg: CptLmParams, seed: int) -> tuple[TokenRows, TokenRows]:
-    """Train and held-out blocks, the held-out ones drawn with `seed`; a corpus too short for
-    one of each is the user's to fix (a shorter `cpt_lm.max_length`, or `enabled: false`)."""
-    if len(blocks) < 2:
-        raise StageError(
-            f"the corpus makes {len(blocks)} block(s) of cpt_lm.max_length={cfg.max_length}"
-            " tokens; at least 2 are needed (one to train on, one held out): lower"
-            " cpt_lm.max_length or set cpt_lm.enabled: false"
-        )
-    held_out = eval_mask(len(blocks), cfg.eval_fraction, seed)
-    return blocks.select(np.flatnonzero(~held_out)), blocks.select(np.flatnonzero(held_out))
 
 
 def as_batch(blocks: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -56,6 +56,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_length": (1, 10**7),
     "mlm_probability": (0, 1),
     "eval_fraction": (0, 1),
+    "replay": (0, 10),  # tokens replayed per corpus token: past 10 the corpus is the side dish
+    "reading": (0, 8),  # questions per passage: few passages have more sentences to ask about
     "lora_r": (0, 100_000),
     "lora_alpha": (1, 1_000_000),
     "lora_dropout": (0, 1),
@@ -312,6 +314,12 @@ class CptLmParams(AdaptedParams):
     """Tokens per packed block: passages joined with the end-of-text token, no padding."""
     eval_fraction: float = 0.1
     """Share of the blocks held out for the before/after perplexity, drawn with `seed`."""
+    replay: float = 0.0
+    """Tokens of SFT train conversations (chat template applied) replayed per corpus train token,
+    packed into the training blocks alone (replay in continual pre-training); 0 = none."""
+    reading: int = 0
+    """Templated reading-comprehension questions per train passage, asked after the passage in a
+    chat and answered from it (AdaptLLM), packed into the training blocks alone; 0 = none."""
     batch_size: int = 8
     lr: float = 5e-5
     eval_steps: int = 5

@@ -3,8 +3,9 @@
     python -m stages.cpt_lm --base output/sft_base --tokens output/tokens/cpt_lm \
         --output output/cpt_lm --metrics metrics/cpt_lm.json --plots metrics/cpt_lm
 
-The packed blocks come from `tokenize_cpt_lm` (memory-mapped); the held-out blocks and their
-perplexity are in `lmpipeline.cpt_lm`; the Trainer, resume and timings in `lmpipeline.training`.
+The packed blocks, train and held out, come from `tokenize_cpt_lm` (memory-mapped; what is
+mixed into the training blocks: `lmpipeline.mixing`); the held-out perplexity is in
+`lmpipeline.cpt_lm`; the Trainer, resume and timings in `lmpipeline.training`.
 With `cpt_lm.enabled: false` the output is the base model unchanged, so `sft` always starts
 from `output/cpt_lm`.
 """
@@ -18,9 +19,9 @@ from typing import ClassVar
 
 from transformers import AutoTokenizer, set_seed
 
-from lmpipeline import launch
+from lmpipeline import launch, mixing
 from lmpipeline.chat import load_causal_lm
-from lmpipeline.cpt_lm import eval_batches, evaluate, make_trainer, split_blocks
+from lmpipeline.cpt_lm import eval_batches, evaluate, make_trainer
 from lmpipeline.models import check_positions, save_pretrained
 from lmpipeline.params import Params
 from lmpipeline.runtime import is_main_process, precision, resolve_device
@@ -64,9 +65,9 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     model = load_causal_lm(paths.base, device)
     check_positions(model, cfg.max_length, "cpt_lm.max_length")
 
-    expected = {"max_length": cfg.max_length}
+    expected = mixing.settings(cfg, seed)
     meta, splits = load_tokens(paths.tokens, tokenizer, "cpt_lm", "tokenize_cpt_lm", expected)
-    train, held_out = split_blocks(TokenRows(splits["blocks"]), cfg, seed)
+    train, held_out = TokenRows(splits["train"]), TokenRows(splits["held_out"])
     budget = budget_of(cfg, shifted=True)
     batches = within_budget(eval_batches(held_out, cfg.batch_size), budget)
     print(
@@ -97,7 +98,10 @@ def run(params: Params, paths: CptLmPaths) -> StageResult | None:
     write_curves(trainer.state.log_history, paths.plots)
     speed = throughput("cpt_lm", trainer, flops, device)
     blocks = {"train": len(train), "held_out": len(held_out)}
+    mixed = {k: meta[k] for k in ("reading_chats", "replayed_chats", "mixed_blocks") if k in meta}
     metrics = {"enabled": True, "base": base, "final": final, "blocks": blocks}
+    if mixed:  # the training blocks that are not the corpus's (lmpipeline.mixing)
+        metrics["mixed_in"] = mixed
     return StageResult(metrics, {"train": speed})
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lmpipeline import stage, tokens
+from lmpipeline import mixing, stage, tokens
 from lmpipeline.chat import load_chat_tokenizer
 from lmpipeline.data import file_digest
 from lmpipeline.errors import StageError
@@ -44,6 +45,9 @@ class TokenizePaths:
     """Where the token dataset goes (a directory)."""
     base: Path | None = None
     """cpt_lm, sft: the generator whose tokenizer is used (output/sft_base)."""
+    sft: Path | None = field(default=None, metadata=INPUT)
+    """cpt_lm: the validated SFT splits (output/data/sft), whose train split cpt_lm.replay
+    replays."""
 
     @property
     def stage(self) -> str:
@@ -61,23 +65,57 @@ def generator_tokenizer(paths: TokenizePaths, chat: bool) -> PreTrainedTokenizer
     return AutoTokenizer.from_pretrained(paths.base, trust_remote_code=False)
 
 
-def blocks(
-    paths: TokenizePaths,
-    tokenizer: PreTrainedTokenizerBase,
-    tokenize: tokens.BatchFn,
-    features: tuple[datasets.Features, datasets.Features],
-    regrouping: tokens.RegroupFn,
-    max_length: int,
-) -> dict[str, Any]:
-    """Tokenize the passages line by line in parallel, pack them into blocks in order, and
-    publish the blocks; return the counts."""
+def encoder_blocks(params: Params, paths: TokenizePaths) -> dict[str, Any]:
+    """Tokenize the passages line by line in parallel, pack them into the encoder's blocks in
+    order, and publish the blocks; return the counts."""
+    cfg = params.cpt
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    make = tokens.block_maker(cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
     with tokens.staging(paths.output) as work:
         lines = tokens.rows_of(paths.data, Path(work))
-        tokenized = tokens.tokenize(lines, tokenize, features[0])
-        packed = tokens.regroup(tokenized, regrouping, features[1], Path(work))
+        tokenized = tokens.tokenize(lines, tokens.line_tokenizer(tokenizer), tokens.LINE_FEATURES)
+        packed = tokens.regroup(tokenized, make, tokens.MLM_BLOCK_FEATURES, Path(work))
         counts = {"blocks": len(packed), "passage_tokens": tokens.token_count(tokenized, "ids")}
-        info = {**meta(tokenizer, paths.data, counts), "max_length": max_length}
+        info = {**meta(tokenizer, paths.data, counts), "max_length": cfg.max_length}
         tokens.save(paths.output, {"blocks": packed}, info)
+    return counts
+
+
+def generator_blocks(params: Params, paths: TokenizePaths) -> dict[str, Any]:
+    """The passages tokenized in parallel and packed into the generator's blocks in order, a
+    seeded share held out; the training blocks with what `cpt_lm.reading` and `cpt_lm.replay`
+    add (`lmpipeline.mixing`). Publish both splits; return the counts."""
+    cfg, seed = params.cpt_lm, params.seed
+    tokenizer = generator_tokenizer(paths, chat=False)
+    with tokens.staging(paths.output) as work:
+        lines = tokens.rows_of(paths.data, Path(work))
+        passages = tokens.tokenize(
+            lines, tokens.passage_tokenizer(tokenizer), tokens.PASSAGE_FEATURES
+        )
+        packed = tokens.regroup(
+            passages, tokens.packer(cfg.max_length), tokens.CLM_BLOCK_FEATURES, Path(work)
+        )
+        held_out = mixing.held_out_blocks(len(packed), cfg, seed)
+        train = packed.select(np.flatnonzero(~held_out))
+        counts = {
+            "blocks": len(packed),
+            "passage_tokens": tokens.token_count(passages, "ids"),
+            "held_out_blocks": int(held_out.sum()),
+        }
+        if cfg.reading or cfg.replay:
+            chat = generator_tokenizer(paths, chat=True)
+            sft_train = paths.sft / "train.jsonl" if paths.sft else None
+            if cfg.replay and sft_train is None:
+                raise StageError("cpt_lm.replay needs --sft, the validated SFT splits' directory")
+            extra, mixed = mixing.mixed_in(
+                lines, passages, held_out, cfg, seed, chat, sft_train, Path(work)
+            )
+            train = datasets.concatenate_datasets([train, extra])
+            counts |= mixed
+        counts["train_blocks"] = len(train)
+        info = {**meta(tokenizer, paths.data, counts), **mixing.settings(cfg, seed)}
+        splits = {"train": train, "held_out": packed.select(np.flatnonzero(held_out))}
+        tokens.save(paths.output, splits, info)
     return counts
 
 
@@ -89,21 +127,12 @@ def meta(
 
 def run(params: Params, paths: TokenizePaths) -> None:
     if paths.kind == "cpt":
-        cfg = params.cpt
-        tokenizer = load_tokenizer(resolve_model(cfg.model))
-        make = tokens.block_maker(cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        features = (tokens.LINE_FEATURES, tokens.MLM_BLOCK_FEATURES)
-        tokenize = tokens.line_tokenizer(tokenizer)
-        counts = blocks(paths, tokenizer, tokenize, features, make, cfg.max_length)
+        counts = encoder_blocks(params, paths)
     elif paths.kind == "cpt_lm" and not params.cpt_lm.enabled:
         tokens.save(paths.output, {}, {"enabled": False})  # cpt_lm reads no tokens: none made
         counts = {"blocks": 0}
     elif paths.kind == "cpt_lm":
-        cfg = params.cpt_lm
-        tokenizer = generator_tokenizer(paths, chat=False)
-        features = (tokens.PASSAGE_FEATURES, tokens.CLM_BLOCK_FEATURES)
-        tokenize, make = tokens.passage_tokenizer(tokenizer), tokens.packer(cfg.max_length)
-        counts = blocks(paths, tokenizer, tokenize, features, make, cfg.max_length)
+        counts = generator_blocks(params, paths)
     else:
         counts = sft_examples(params, paths)
     summary = ", ".join(f"{k} {v:,}" for k, v in counts.items())

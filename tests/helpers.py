@@ -200,11 +200,20 @@ def write_sft_project(tmp_path: Path, **overrides: object) -> Path:
     return tmp_path
 
 
-def tokenized(kind: str, data: Path, output: Path, params: Path, base: Path | None = None) -> Path:
-    """`output`, made by the tokenize stage of `kind` unless it is there already."""
+def tokenized(
+    kind: str,
+    data: Path,
+    output: Path,
+    params: Path,
+    base: Path | None = None,
+    sft: Path | None = None,
+) -> Path:
+    """`output`, made by the tokenize stage of `kind` unless it is there already; `sft`: the
+    SFT splits cpt_lm.replay reads."""
     if not output.exists():
         args = [kind, f"--data={data}", f"--output={output}", f"--params={params}"]
-        assert tokenize_stage.main([*args, *([f"--base={base}"] if base else [])]) == 0
+        args += [f"--base={base}"] if base else []
+        assert tokenize_stage.main(args + ([f"--sft={sft}"] if sft else [])) == 0
     return output
 
 

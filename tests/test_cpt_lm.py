@@ -6,19 +6,22 @@ import filecmp
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmpipeline import cpt_lm, tokens
+from lmpipeline import cpt_lm, mixing, tokens
 from lmpipeline.params import CptLmParams
 from lmpipeline.training import training_args
 from stages import cpt_lm as stage
+from stages import tokenize as tokenize_stage
 from tests.helpers import (
     CORPUS,
     crash_at_step,
     run_sft,
+    sft_records,
     tiny_passages,
     tokenized,
     write_sft_project,
@@ -45,7 +48,9 @@ def write_project(root: Path, **overrides: object) -> Path:
 
 
 def run(root: Path, base: Path) -> int:
-    tokens = tokenized("cpt_lm", root / "pretrain.txt", root / "tokens", root / "params.yaml", base)
+    sft = root / "sft" if (root / "sft").is_dir() else None
+    params = root / "params.yaml"
+    tokens = tokenized("cpt_lm", root / "pretrain.txt", root / "tokens", params, base, sft)
     args = ["--base", str(base), "--tokens", str(tokens), "--output"]
     args += [str(root / "out"), "--metrics", str(root / "metrics.json"), "--plots"]
     args += [str(root / "plots"), "--timings", str(root / "timings.json")]
@@ -77,7 +82,9 @@ def test_held_out_blocks_never_reach_training(tiny_llama_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     cfg = CptLmParams(max_length=8, eval_fraction=0.25)
     everything = tokens.pack(PASSAGES, tokenizer, 8)
-    train, held_out = cpt_lm.split_blocks(everything, cfg, seed=5)
+    held = mixing.held_out_blocks(len(everything), cfg, seed=5)
+    train = everything.select(np.flatnonzero(~held))
+    held_out = everything.select(np.flatnonzero(held))
     assert len(train) + len(held_out) == len(everything) and len(held_out) >= 1
     # Each held-out block is a distinct stretch of the stream, and the trainer's data is `train`.
     held_rows = {tuple(row.tolist()) for row in held_out.column("input_ids")}
@@ -113,6 +120,24 @@ def test_stage_lowers_held_out_perplexity_and_saves_a_model_sft_starts_from(
     sft_root = tmp_path / "sft"
     sft_root.mkdir()
     assert run_sft(write_sft_project(sft_root, epochs=1), root / "out") == 0
+
+
+def test_stage_trains_on_replayed_and_reading_chats_and_reports_them(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = write_project(tmp_path, replay=0.5, reading=1, epochs=1)
+    (root / "sft").mkdir()
+    records = "".join(json.dumps(r) + "\n" for r in sft_records(8))
+    (root / "sft/train.jsonl").write_text(records, encoding="utf-8")
+    assert run(root, tiny_llama_dir) == 0
+    metrics = json.loads((root / "metrics.json").read_text())
+    mixed = metrics["mixed_in"]
+    assert mixed["reading_chats"] > 0 and mixed["replayed_chats"] > 0
+    # The corpus's training blocks and the mixed-in ones are what it trained on, once each.
+    timings = json.loads((root / "timings.json").read_text())
+    assert metrics["blocks"]["train"] > mixed["mixed_blocks"] > 0
+    assert timings["train"]["tokens"] == metrics["blocks"]["train"] * 16
 
 
 def test_lora_is_merged_into_a_plain_model(
@@ -155,7 +180,9 @@ def test_a_corpus_too_short_for_two_blocks_is_one_line(
 ) -> None:
     root = write_project(tmp_path, max_length=120)
     (root / "pretrain.txt").write_text(CORPUS[0] + "\n", encoding="utf-8")
-    assert run(root, tiny_llama_dir) == 1
+    args = ["cpt_lm", f"--data={root / 'pretrain.txt'}", f"--output={root / 'tokens'}"]
+    args += [f"--params={root / 'params.yaml'}", f"--base={tiny_llama_dir}"]
+    assert tokenize_stage.main(args) == 1  # found where the blocks are made and held out
     err = capsys.readouterr().err
     assert "cpt_lm.max_length=120" in err and "Traceback" not in err
-    assert not (root / "out").exists()
+    assert not (root / "tokens").exists()

@@ -70,6 +70,7 @@ def test_package_inits_hold_only_their_docstring() -> None:
 LAYERS = [
     ["errors", "params", "data", "conversations", "runtime", "metrics", "sources"],
     ["models", "chat", "stage", "report", "docs", "smoke", "tokens"],
+    ["mixing"],  # what cpt_lm trains on: tokens and chats
     [
         "rag.lexical",
         "rag.knowledge",

@@ -190,6 +190,7 @@ def test_dag_shows_every_stage(repo: Path) -> None:
         ("sft_base", "cpt_lm"),  # the seed's chain: CPT of the generator, then SFT, then RAG
         ("validate_pretrain", "tokenize_cpt_lm"),
         ("sft_base", "tokenize_cpt_lm"),
+        ("validate_sft", "tokenize_cpt_lm"),  # cpt_lm.replay replays the SFT train split
         ("tokenize_cpt_lm", "cpt_lm"),
         ("cpt_lm", "sft"),
         ("validate_pretrain", "rag"),
@@ -324,6 +325,7 @@ def test_editing_sft_data_reruns_its_validation_sft_and_rag_only(repo: Path) -> 
         assert ran(sh(repo, "dvc", "repro")) == {
             "validate_sft",
             "tokenize_sft",
+            "tokenize_cpt_lm",  # reads the train split for cpt_lm.replay; same blocks at 0
             "sft",
             "rag",
             "report",

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from lmpipeline import tokens
+from lmpipeline import mixing, tokens
 from lmpipeline.chat import load_chat_tokenizer
 from lmpipeline.data import read_jsonl
 from lmpipeline.errors import StageError
+from lmpipeline.params import CptLmParams
 from stages import tokenize
 from tests.helpers import CORPUS, tiny_passages, write_sft_project
 
@@ -65,8 +66,12 @@ def test_cpt_lm_blocks_are_the_in_memory_blocks(
     assert run("cpt_lm", tmp_path / "pretrain.txt", tmp_path / "tok", params, tiny_llama_dir) == 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     _, splits = tokens.load(tmp_path / "tok", tokenizer, "cpt_lm", "tokenize_cpt_lm", {})
-    written = tokens.TokenRows(splits["blocks"]).column("input_ids")
-    assert written.tolist() == tokens.pack(passages, tokenizer, 8).column("input_ids").tolist()
+    train = tokens.TokenRows(splits["train"]).column("input_ids").tolist()
+    held_out = tokens.TokenRows(splits["held_out"]).column("input_ids").tolist()
+    expected = tokens.pack(passages, tokenizer, 8).column("input_ids").tolist()
+    held = mixing.held_out_blocks(len(expected), CptLmParams(max_length=8), seed=42)
+    assert train == [b for b, h in zip(expected, held, strict=True) if not h]
+    assert held_out == [b for b, h in zip(expected, held, strict=True) if h] != []
 
 
 def test_cpt_lm_disabled_tokenizes_nothing(tmp_path: Path, tiny_llama_dir: Path) -> None:

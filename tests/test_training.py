@@ -7,12 +7,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
 
-from lmpipeline import cpt, cpt_lm, sft, tokens, training
+from lmpipeline import cpt, cpt_lm, mixing, sft, tokens, training
 from lmpipeline.chat import load_causal_lm, load_chat_tokenizer
 from lmpipeline.models import load_tokenizer, resolve_model
 from lmpipeline.params import CptLmParams, CptParams, RagTrainingParams, SftParams
@@ -167,7 +168,9 @@ def cpt_lm_trained(model_dir: Path, out: Path, mode: str) -> dict[str, torch.Ten
     tokenizer = load_tokenizer(resolve_model(str(model_dir)))
     model = load_causal_lm(model_dir, torch.device("cpu"))
     cfg = CptLmParams(max_length=16, **three_steps(2, 1, 0))
-    train, held_out = cpt_lm.split_blocks(tokens.pack(CORPUS * 8, tokenizer, 16), cfg, seed=0)
+    blocks = tokens.pack(CORPUS * 8, tokenizer, 16)
+    held = mixing.held_out_blocks(len(blocks), cfg, seed=0)
+    train, held_out = blocks.select(np.flatnonzero(~held)), blocks.select(np.flatnonzero(held))
     args = training_args(cfg, 0, torch.device("cpu"), mode, out, len(train))
     cpt_lm.make_trainer(model, args, train, cpt_lm.eval_batches(held_out, 2)).train()
     return model.state_dict()
