@@ -262,7 +262,6 @@ class CptSftBackend:
         self.start = ""  # the candidate fine-tuning starts from
         self.start_mrr: dict[str, float] = {}  # each candidate as it is, on the train questions
         self.after_mrr: dict[str, float] = {}  # each candidate fine-tuned, on a held-apart slice
-        self.negatives: dict[str, tuple[int, ...]] = {}  # mined for each fit question
         self.mined: dict[str, dict[str, tuple[int, ...]]] = {}  # the negatives of each start
         self.first_fold: dict[str, tuple[np.ndarray, Any]] = {}  # fold 1's ranking and speed
         self.index: faiss.Index | None = None  # built by `rank`, from the fine-tuned encoder
@@ -302,7 +301,7 @@ class CptSftBackend:
         if choice == "auto":
             choice = self.start_after_fine_tuning()
         self.start = choice
-        self.negatives = self.mined_negatives()
+        self.mine()
         after = "".join(f", {k} {v:.3f}" for k, v in self.after_mrr.items())
         print(
             f"rag: fine-tuning starts from the {choice} encoder (train-question MRR as is: cpt"
@@ -322,8 +321,8 @@ class CptSftBackend:
         ranked_half, trained_half = halves(len(self.fit.records), self.params.seed)
         ranked, trained = self.fit.subset(ranked_half), self.fit.subset(trained_half).in_corpus()
         for name in ("cpt", "base"):
-            self.start = name
-            self.negatives = self.mined_negatives()
+            self.start = name  # what the fold below trains from, and its negatives
+            self.mine()
             # Every rank of a distributed run trains it (the retriever's training follows,
             # on every rank, from the start chosen here); rank 0 alone ranks and chooses.
             model, speed = self.fold_retriever(trained, 1, keep_group=True)
@@ -367,18 +366,20 @@ class CptSftBackend:
             held_out=pairs(held_out),
         )
 
-    def mined_negatives(self) -> dict[str, tuple[int, ...]]:
+    @property
+    def negatives(self) -> dict[str, tuple[int, ...]]:
+        """The hard negatives of each fit question, mined for the start (`mine`)."""
+        return self.mined.get(self.start, {})
+
+    def mine(self) -> None:
         """`rag.train.hard_negatives` for each fit question, from BM25's ranking and the
         start's; mined once per start (the start choice mines for both candidates)."""
         n, stated = self.cfg.train.hard_negatives, self.fit.in_corpus()
-        if not n:
-            return {}
-        if self.start not in self.mined:
+        if n and self.start not in self.mined:
             lexical = bm25_search(self.kb.bm25, stated.questions, MINE_DEPTH)[1]
             dense = self.dense_ranks(self.candidates[self.start], stated.questions, MINE_DEPTH)
             mined = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
             self.mined[self.start] = dict(zip(stated.questions, mined, strict=True))
-        return self.mined[self.start]
 
     def collator(self) -> PairCollator:
         return PairCollator(self.tokenizer, self.kb.entries, self.cfg.max_length)
