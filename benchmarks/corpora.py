@@ -202,6 +202,18 @@ def figures(work: Path) -> str:
     )
 
 
+def prepare(name: str, work: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """A copy of the project in `work` with corpus `name`'s passages and questions in place of
+    data/pretrain.txt and data/rag.jsonl (SFT keeps the default data); returns them."""
+    make_passages, make_questions = CORPORA[name]
+    corpus, records = make_passages(), make_questions()
+    copy_project(Path.cwd(), work)
+    (work / "data/pretrain.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    with (work / "data/rag.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return corpus, records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", choices=sorted(CORPORA))
@@ -210,13 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the project copy")
     args = parser.parse_args(argv)
 
-    make_passages, make_questions = CORPORA[args.corpus]
-    corpus, records = make_passages(), make_questions()
     work = Path(tempfile.mkdtemp(prefix=f"corpus-{args.corpus}-"))  # ours: removed at the end
-    copy_project(Path.cwd(), work)
-    (work / "data/pretrain.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-    with (work / "data/rag.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    corpus, records = prepare(args.corpus, work)
     params: dict[str, Any] = yaml.safe_load((work / "params.yaml").read_text(encoding="utf-8"))
     params = with_overrides(params, parse_overrides(args.set))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

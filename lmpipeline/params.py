@@ -334,6 +334,9 @@ class CptLmParams(AdaptedParams):
 
 @dataclass(frozen=True)
 class SftParams(AdaptedParams):
+    enabled: bool = True
+    """Fine-tune on the SFT train split; false = output/sft is output/cpt_lm unchanged (to
+    measure what SFT adds: benchmarks/phase_value.py)."""
     model: str = "bundled:smollm2-135m-instruct"
     """Causal LM to fine-tune: a local directory, bundled:NAME or a Hugging Face id (gpt2); the
     cpt_lm stage adapts it to the corpus first (cpt_lm.enabled)."""
@@ -375,6 +378,9 @@ class RagTrainingParams(TrainingParams):
     """Fine-tuning of the rag stage on the train questions: the retriever, contrastively
     (cpt-sft), or the whole RAG model by marginal likelihood (rag-sequence)."""
 
+    enabled: bool = True
+    """Fine-tune on the train questions; false = the start is used as it is (to measure what
+    fine-tuning adds: benchmarks/phase_value.py). cpt-sft then chooses its start as is."""
     batch_size: int = 32
     """Questions per micro-step, per process; cpt-sft: the other positives of a batch are each
     question's negatives, so at least 2."""

@@ -48,6 +48,8 @@ def cpt_lm_rows(m: dict[str, Any]) -> list[Row]:
 
 
 def sft_rows(m: dict[str, Any]) -> list[Row]:
+    if not m.get("enabled", True):
+        return [("sft", "generator", "not fine-tuned (sft.enabled: false)")]
     base, final = m["base"], m["final"]
     return [
         ("sft", "held-out loss", change(base["eval_loss"], final["eval_loss"])),
@@ -92,6 +94,11 @@ def rag_rows(m: dict[str, Any]) -> list[Row]:
             f"{questions['held_out']} ({questions['not_in_corpus']} not in corpus)",
         ),
         *start_rows(m),
+        *(
+            []
+            if "train" in m
+            else [("rag", "retriever", "not fine-tuned (rag.train.enabled: false)")]
+        ),
         ("rag", "retriever used", used_retriever(m)),
         ("rag", "recall@5", recall),
         ("rag", "MRR, nDCG@10 (used)", f"{system['mrr']:.3f}, {system['ndcg@10']:.3f}"),

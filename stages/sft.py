@@ -6,11 +6,12 @@
 
 The examples come from `tokenize_sft` (memory-mapped); formatting, the response-only loss and
 batching are in `lmpipeline.sft` and `lmpipeline.chat`; the Trainer, resume and timings in
-`lmpipeline.training`.
+`lmpipeline.training`. With `sft.enabled: false` the output is the start model unchanged.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -65,6 +66,8 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
     """Fine-tune, save the model and the samples; return metrics and timings (None on the ranks
     other than 0 of a distributed run, which train but write nothing)."""
     cfg, seed = params.sft, params.seed
+    if not cfg.enabled:
+        return copy_base(paths)
     main_process = is_main_process()
     set_seed(seed)
     device = resolve_device(params.device)
@@ -115,6 +118,18 @@ def run(params: Params, paths: SftPaths) -> StageResult | None:
         {"base": base, "final": final, "train": {"truncated": truncated}},
         {"train": {"response_tokens": trainer.predicted_seen, **speed}},
     )
+
+
+def copy_base(paths: SftPaths) -> StageResult:
+    """sft.enabled: false: the start model is the output, as it is (what SFT adds is then
+    measured downstream: benchmarks/phase_value.py)."""
+    if paths.output.exists():
+        shutil.rmtree(paths.output)
+    shutil.copytree(paths.base, paths.output)
+    write_curves([], paths.plots)
+    write_text_atomic(paths.samples, "SFT did not run (sft.enabled: false).\n")
+    print(f"sft: disabled (sft.enabled: false): {paths.output} is {paths.base} unchanged")
+    return StageResult({"enabled": False}, {})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from lmpipeline import report
 from lmpipeline.chat import encode_turns, prompt_text
 from lmpipeline.params import ParamsError, RagParams, RagTrainingParams, load_params
 from lmpipeline.rag import ask, backend, cpt_sft, cpt_sft_train, evaluation, reader
@@ -374,6 +375,30 @@ def test_no_held_out_answer_is_retrievable_even_with_train_faq_entries(
         assert not any(NOT_IN_CORPUS in h.entry.text for h in system.retrieve(r["question"], 50))
     predictions = [json.loads(line) for line in (tmp_path / "metrics/rag_predictions.jsonl").open()]
     assert all(NOT_IN_CORPUS not in p["text"] for r in predictions for p in r["rag"]["passages"])
+
+
+def test_fine_tuning_off_uses_the_start_as_it_is_chosen_as_it_is(
+    tmp_path: Path, tiny_bert_dir: Path, tiny_llama_dir: Path
+) -> None:
+    params = {
+        "cpt": {"model": str(tiny_bert_dir)},
+        "rag": tiny_rag(train={"enabled": False}, reader={"enabled": False}),
+    }
+    assert build_rag(tmp_path, params, tiny_bert_dir, tiny_llama_dir) == 0
+    metrics = json.loads((tmp_path / "metrics/rag.json").read_text())
+    start = metrics["start"]
+    # Compared as they are (here the same model: a tie, so the base), never after fine-tuning.
+    assert "fine_tuned_mrr" not in start and start["encoder"] == "base"
+    start_weights = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    saved = AutoModel.from_pretrained(tmp_path / "output/rag/retriever").state_dict()
+    # The pooler is not in the tiny checkpoint (drawn afresh at each load) and not used.
+    encoder = [k for k in saved if not k.startswith("pooler.")]
+    assert encoder and all(torch.equal(start_weights[k], saved[k]) for k in encoder)
+    assert metrics["retrieval"]["finetuned"] == metrics["retrieval"]["base"]
+    assert "train" not in metrics
+    assert "train" not in json.loads((tmp_path / "output/timings/rag.json").read_text())
+    said = ("rag", "retriever", "not fine-tuned (rag.train.enabled: false)")
+    assert said in report.rag_rows(metrics)
 
 
 def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(

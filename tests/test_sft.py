@@ -1,3 +1,4 @@
+import filecmp
 import json
 from pathlib import Path
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, pipeline
 
-from lmpipeline import chat, metrics, sft, tokens
+from lmpipeline import chat, metrics, report, sft, tokens
 from lmpipeline.testing import word_level_tokenizer
 from lmpipeline.training import CHECKPOINTING
 from tests.helpers import crash_at_step, run_sft, write_sft_project
@@ -129,6 +130,21 @@ def test_stage_end_to_end_on_a_tiny_gpt2(
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
     assert (tmp_path / "samples.md").read_text().count("**Fine-tuned:**") == 2
     assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_disabled_stage_outputs_the_start_model_unchanged_and_says_so(
+    tmp_path: Path, tiny_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_sft(write_sft_project(tmp_path, enabled=False), tiny_gpt2_dir) == 0
+    compared = filecmp.dircmp(tiny_gpt2_dir, tmp_path / "out")
+    assert not compared.diff_files and not compared.left_only and not compared.right_only
+    metrics_file = json.loads((tmp_path / "sft.json").read_text())
+    assert metrics_file == {"enabled": False}
+    assert "sft.enabled: false" in (tmp_path / "samples.md").read_text()
+    assert report.sft_rows(metrics_file) == [
+        ("sft", "generator", "not fine-tuned (sft.enabled: false)")
+    ]
 
 
 def test_lora_is_merged_so_the_output_loads_without_peft(

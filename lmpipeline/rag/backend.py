@@ -27,7 +27,7 @@ from lmpipeline.params import LaunchParams, Params, TrainingParams
 from lmpipeline.rag.evaluation import print_retrieval, score_system
 from lmpipeline.rag.knowledge import KnowledgeBase, Questions
 from lmpipeline.rag.system import System
-from lmpipeline.runtime import is_main_process
+from lmpipeline.runtime import end_distributed, is_main_process
 from lmpipeline.stage import StageResult
 from lmpipeline.training import (
     EpochSampler,
@@ -180,15 +180,20 @@ def build(
         base = backend.base_ranks(model, questions)
         ranks.update({name: gold_ranks(ranked, gold) for name, ranked in base.items()})
 
-    config = (asdict(cfg), params.seed, params.device, params.fp16, params.launch.strategy)
-    digests = map(file_digest, [*inputs, *backend.checkpoint_inputs()])
-    checkpoints = checkpoint_dir("rag", *config, *digests)
-    training = backend.training(train, held_out)
-    trainer = make_trainer(
-        model, training, cfg.train, params.seed, device, mode, checkpoints, params.launch
-    )
-    with phase(timings, "fine-tune"):
-        model = train_resumable(trainer, "rag")
+    trainer = None
+    if cfg.train.enabled:
+        config = (asdict(cfg), params.seed, params.device, params.fp16, params.launch.strategy)
+        digests = map(file_digest, [*inputs, *backend.checkpoint_inputs()])
+        checkpoints = checkpoint_dir("rag", *config, *digests)
+        training = backend.training(train, held_out)
+        trainer = make_trainer(
+            model, training, cfg.train, params.seed, device, mode, checkpoints, params.launch
+        )
+        with phase(timings, "fine-tune"):
+            model = train_resumable(trainer, "rag")
+    else:
+        end_distributed()  # as train_resumable would: what follows runs on rank 0 alone
+        print("rag: fine-tuning off (rag.train.enabled: false): the start is used as it is")
     if not is_main_process():
         backend.discard()
         return None
@@ -200,8 +205,10 @@ def build(
     ranks.update({name: gold_ranks(ranked, gold) for name, ranked in final.items()})
     print_retrieval(ranks)
 
-    speed = throughput("rag", trainer, backend.flops_per_token(model), device)
-    history = trainer.state.log_history
+    speed = {}
+    if trainer is not None:
+        speed["train"] = throughput("rag", trainer, backend.flops_per_token(model), device)
+    history = trainer.state.log_history if trainer is not None else []
     del model, trainer  # with its optimizer state: rag-sequence-nq's would double peak memory
     gc.collect()
     with phase(timings, "score"):
@@ -211,4 +218,4 @@ def build(
         )
     metrics.update(backend.decisions())
     latency = {"embed_passages_per_s": round(backend.embed_per_s, 1), **latency}
-    return StageResult(metrics, {"train": speed, **backend.timings, "latency": latency})
+    return StageResult(metrics, {**speed, **backend.timings, "latency": latency})

@@ -14,7 +14,9 @@ Held-out questions decide nothing and train nothing; they are only scored
   (`cpt.model`) fine-tuned the same way (`rag.start_encoder: auto`); else from the base:
   masked-LM training can move the geometry a sentence encoder was trained for, and a retriever
   must never start worse than the encoder CPT began from. What matters is the retriever after
-  fine-tuning, so that is where the two are compared. Only train questions decide.
+  fine-tuning, so that is where the two are compared. Only train questions decide. With
+  fine-tuning off (`rag.train.enabled: false`) the encoders are used, and so compared, as they
+  are: on every train question whose answer a chunk states.
 - **Negatives.** Each question's first gold chunk is its positive; the other positives of the
   batch are its negatives, and `rag.train.hard_negatives` chunks per question mined from BM25's
   and the starting encoder's top `MINE_DEPTH` that do not state its answer (support below half
@@ -298,8 +300,10 @@ class CptSftBackend:
             ranked = self.dense_ranks(self.candidates[name], stated.questions)
             self.start_mrr[name] = retrieval_scores(gold_ranks(ranked, stated.golds))["mrr"]
         choice = self.cfg.start_encoder
-        if choice == "auto":
+        if choice == "auto" and self.cfg.train.enabled:
             choice = self.start_after_fine_tuning()
+        elif choice == "auto":  # used as it is: compared as it is, the base encoder on a tie
+            choice = "cpt" if self.start_mrr["cpt"] > self.start_mrr["base"] else "base"
         self.start = choice
         self.mine()
         after = "".join(f", {k} {v:.3f}" for k, v in self.after_mrr.items())
@@ -375,7 +379,7 @@ class CptSftBackend:
         """`rag.train.hard_negatives` for each fit question, from BM25's ranking and the
         start's; mined once per start (the start choice mines for both candidates)."""
         n, stated = self.cfg.train.hard_negatives, self.fit.in_corpus()
-        if n and self.start not in self.mined:
+        if n and self.cfg.train.enabled and self.start not in self.mined:
             lexical = bm25_search(self.kb.bm25, stated.questions, MINE_DEPTH)[1]
             dense = self.dense_ranks(self.candidates[self.start], stated.questions, MINE_DEPTH)
             mined = hard_negatives(stated, [dense, lexical], self.kb.entries, n)
@@ -483,7 +487,7 @@ class CptSftBackend:
         """A retriever trained as the final one is, on `stated` (half the fit questions)."""
         model = self.load_start()
         train = self.fit_pairs(stated)
-        if not train:  # a corpus too small to halve: the fold starts as is
+        if not train or not self.cfg.train.enabled:  # too small to halve, or fine-tuning off
             return model, None
         training = Training(contrastive_loss, self.collator(), train, [])
         digests = map(file_digest, self.checkpoint_inputs())

@@ -202,6 +202,7 @@ def score_system(
         "retrieval": {name: retrieval_scores(r) for name, r in ranks.items()},
         "answers": answers,
         "index": {"entries": len(kb.entries), "dim": dim, "type": cfg.index},
-        "train": {"eval_loss": round(eval_loss[-1], 6)},
     }
+    if eval_loss:  # none where fine-tuning is off (rag.train.enabled: false)
+        metrics["train"] = {"eval_loss": round(eval_loss[-1], 6)}
     return metrics, latency
