@@ -83,6 +83,17 @@ def start_rows(m: dict[str, Any]) -> list[Row]:
     return [("rag", "retriever start", f"the base encoder: CPT's output was not used ({why})")]
 
 
+def switched_off_rows(m: dict[str, Any]) -> list[Row]:
+    """The rag stage's own phases that were switched off, in words."""
+    rows = []
+    if "train" not in m:
+        rows.append(("rag", "retriever", "not fine-tuned (rag.train.enabled: false)"))
+    if "start" in m and "reader" not in m:  # cpt-sft; rag-sequence has no reader to teach
+        said = "not taught to read passages (rag.reader.enabled: false)"
+        rows.append(("rag", "generator", said))
+    return rows
+
+
 def rag_rows(m: dict[str, Any]) -> list[Row]:
     retrieval, answers, questions = m["retrieval"], m["answers"], m["questions"]
     recall = ", ".join(f"{name} {s['recall@5']:.3f}" for name, s in retrieval.items())
@@ -94,11 +105,7 @@ def rag_rows(m: dict[str, Any]) -> list[Row]:
             f"{questions['held_out']} ({questions['not_in_corpus']} not in corpus)",
         ),
         *start_rows(m),
-        *(
-            []
-            if "train" in m
-            else [("rag", "retriever", "not fine-tuned (rag.train.enabled: false)")]
-        ),
+        *switched_off_rows(m),
         ("rag", "retriever used", used_retriever(m)),
         ("rag", "recall@5", recall),
         ("rag", "MRR, nDCG@10 (used)", f"{system['mrr']:.3f}, {system['ndcg@10']:.3f}"),

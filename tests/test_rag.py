@@ -26,6 +26,7 @@ from tests.helpers import NOT_IN_CORPUS, PASSAGES, build_rag, crash_at_step, tin
 
 ANSWER_SCORES = {"em", "f1", "rougeL", "supported", "supported_answered", "refused"}
 RAG_SCORES = ANSWER_SCORES | {"lacking", "f1_with_refusals"}
+ROOT_METRICS = Path(__file__).resolve().parent.parent / "metrics/rag.json"  # the default run's
 RETRIEVAL_SCORES = {"recall@1", "recall@3", "recall@5", "recall@10", "mrr", "ndcg@10"}
 
 
@@ -397,8 +398,11 @@ def test_fine_tuning_off_uses_the_start_as_it_is_chosen_as_it_is(
     assert metrics["retrieval"]["finetuned"] == metrics["retrieval"]["base"]
     assert "train" not in metrics
     assert "train" not in json.loads((tmp_path / "output/timings/rag.json").read_text())
-    said = ("rag", "retriever", "not fine-tuned (rag.train.enabled: false)")
-    assert said in report.rag_rows(metrics)
+    assert report.switched_off_rows(metrics) == [
+        ("rag", "retriever", "not fine-tuned (rag.train.enabled: false)"),
+        ("rag", "generator", "not taught to read passages (rag.reader.enabled: false)"),
+    ]
+    assert report.switched_off_rows(json.loads(ROOT_METRICS.read_text())) == []
 
 
 def test_taught_reader_is_a_plain_causal_lm_that_ask_uses(
