@@ -139,6 +139,8 @@ def project(corpus: str, cache: Path) -> Path:
 def run_once(work: Path, name: str, results: dict[str, Any], where: dict[str, str]) -> dict:
     """`dvc exp run` with the run's settings on the committed params; its figures."""
     subprocess.run(["git", "checkout", "-q", "--", "params.yaml"], cwd=work, check=True)
+    # An earlier run's checkpoints would be resumed from, and the minutes would not be measured.
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
     command = ["dvc", "exp", "run", "--name", "pv-" + name.replace(" ", "-")]
     for setting in RUNS[name].settings:
         command += ["-S", setting]
