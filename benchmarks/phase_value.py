@@ -213,6 +213,7 @@ def run_notes(results: dict[str, Any], corpus: str) -> list[str]:
             f"- {name} ({' '.join(r['settings']) or 'params.yaml'}): {r['date']}, commit"
             f" {r['commit']}, {r['machine']}; other processes took {other} of the CPUs;"
             f" the retriever started from the {r['start']} encoder"
+            + (f". {r['note']}" if r.get("note") else "")  # what the figures cannot say
         )
     return notes
 
