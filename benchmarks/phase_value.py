@@ -16,7 +16,10 @@ shared by the copies, so a stage whose inputs match an earlier run's is restored
 A phase's row compares the run with it on against the run with it off: the held-out figures of
 what the system retrieves (recall@5, MRR), answer F1 closed-book and with passages, and the
 minutes the phase adds to the training stages' time (their sum with it on, minus their sum with it
-off; a stage whose output goes unused counts as nothing).
+off; a stage whose output goes unused counts as nothing; a stage that ran in several runs with
+the same inputs counts with its mean time). DVC reruns a stage whose inputs differ from the
+workspace's last run (its run cache skips stages with uncached outputs, as every training stage
+has), so a stage may run more than once; how far its times spread says how noisy the minutes are.
 
 Every run's figures, the seconds each training stage took, the date, the machine and the commit
 are kept in benchmarks/phase_value.json, so the table fills over several sessions: a run already
@@ -154,7 +157,8 @@ def run_once(work: Path, name: str, results: dict[str, Any], where: dict[str, st
     for stage, key in keys.items():
         timing = work / "output/timings" / f"{stage}.json"
         if timing.is_file() and timing.stat().st_mtime >= started:  # ran now, not restored
-            results["stage_s"][key] = json.loads(timing.read_text())["stage_s"]
+            seconds = json.loads(timing.read_text())["stage_s"]
+            results["stage_s"].setdefault(key, []).append(seconds)  # each time it ran
     rag = json.loads((work / "metrics/rag.json").read_text(encoding="utf-8"))
     system, answers = rag["retrieval"]["system"], rag["answers"]
     return {
@@ -174,14 +178,15 @@ def run_once(work: Path, name: str, results: dict[str, Any], where: dict[str, st
 
 
 def stage_seconds(results: dict[str, Any], run: str, figures: dict[str, Any]) -> float | None:
-    """The training stages' seconds in `run`, an unused stage's as nothing; None if a stage's
-    time is unknown (restored from a cache whose run was not recorded)."""
+    """The training stages' seconds in `run` (a stage that ran more than once: the mean), an
+    unused stage's as nothing; None if a stage's time is unknown (restored from a cache whose
+    run was not recorded)."""
     times = [
         results["stage_s"].get(key)
         for stage, key in figures["stages"].items()
         if stage not in RUNS[run].unused
     ]
-    return None if None in times else sum(times)
+    return None if None in times else sum(sum(t) / len(t) for t in times)
 
 
 def phase_rows(results: dict[str, Any], corpus: str) -> list[str]:
